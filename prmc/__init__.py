@@ -1,0 +1,7 @@
+"""prmc: compiler passes for Mixture-of-Experts training with ``torch.compile``.
+
+``torch.compile(model, backend="prmc")`` finds the MoE blocks in the graphs Dynamo captures, rewrites
+them into prmc ops (permute -> grouped GEMMs -> combine), and hands everything to Inductor.
+"""
+
+from prmc import ops  # noqa: F401  (registers torch.ops.prmc.*)

@@ -1,0 +1,1 @@
+"""Expert-GEMM kernels: a pure-PyTorch reference for every op, Triton kernels for CUDA."""

@@ -1,0 +1,201 @@
+"""Pure-PyTorch reference implementations of the prmc expert ops.
+
+These define what every prmc op computes. The CPU implementations of the ops run them, and every
+Triton kernel in this package is tested against them (forward and every gradient).
+
+Shapes (names used throughout prmc):
+    T  tokens entering an MoE block           K  experts chosen per token (top-k)
+    E  experts                                H  hidden size
+    I  expert intermediate size               F  I, or 2*I for gated activations (gate rows first)
+    M  routed rows, T*K on one device (the token copies sorted by expert)
+
+Grouping convention: rows of a grouped operand are sorted by expert and ``offsets[e]`` is the
+(exclusive) end row of expert ``e``'s group, int32, as ``torch._grouped_mm`` takes it. Groups may be
+empty; rows at and beyond ``offsets[-1]`` belong to no expert and are left zero.
+
+All arithmetic accumulates in fp32; outputs take the dtype of the activation operand.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+
+
+def _act(x: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "silu":
+        return F.silu(x)
+    if activation == "gelu":
+        return F.gelu(x)
+    if activation == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if activation == "relu":
+        return F.relu(x)
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def _act_grad(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """d act(x) / dx, elementwise (closed forms: the kernels compute the same)."""
+    if activation == "silu":
+        s = torch.sigmoid(x)
+        return s * (1 + x * (1 - s))
+    if activation == "gelu":
+        cdf = 0.5 * (1 + torch.erf(x * 0.7071067811865476))
+        pdf = torch.exp(-0.5 * x * x) * 0.3989422804014327
+        return cdf + x * pdf
+    if activation == "gelu_tanh":
+        c = 0.7978845608028654  # sqrt(2 / pi)
+        inner = c * (x + 0.044715 * x * x * x)
+        t = torch.tanh(inner)
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
+    if activation == "relu":
+        return (x > 0).to(x.dtype)
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def activate(preact: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
+    """[M, F] pre-activation -> [M, I]: ``act(gate) * up`` if gated (gate = first I columns), else ``act``."""
+    if gated:
+        gate, up = preact.chunk(2, dim=-1)
+        return _act(gate, activation) * up
+    return _act(preact, activation)
+
+
+def activate_backward(grad_h: torch.Tensor, preact: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
+    """Gradient of :func:`activate` with respect to ``preact`` ([M, I] -> [M, F])."""
+    if gated:
+        gate, up = preact.chunk(2, dim=-1)
+        return torch.cat([grad_h * up * _act_grad(gate, activation), grad_h * _act(gate, activation)], dim=-1)
+    return grad_h * _act_grad(preact, activation)
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """Upcast to the accumulation dtype: fp32, or fp64 for fp64 inputs (gradcheck)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def group_bounds(offsets: torch.Tensor) -> list[tuple[int, int]]:
+    """[(start, end)] per expert. NOTE: one host sync (``tolist``); fine for a reference."""
+    ends = offsets.tolist()
+    starts = [0] + ends[:-1]
+    return list(zip(starts, ends))
+
+
+def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Route table -> expert-sorted order.
+
+    Args:
+        expert_ids: [T, K] integer, the experts each token chose.
+    Returns:
+        order:   [T*K] int64, the flat (t*K + k) slots sorted by expert, stable (ties keep token order).
+        counts:  [E] int64, rows per expert.
+        offsets: [E] int32, cumulative counts (end row of each group).
+    """
+    flat = expert_ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    return order, counts, offsets
+
+
+def expert_gate_up(
+    x: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor, activation: str, gated: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather + grouped GEMM + activation.
+
+    Args:
+        x: [N, H] activations (token order).   rows: [M] int64, the row of ``x`` each routed row reads.
+        offsets: [E] int32 group ends.          weight: [E, F, H] (any strides; F = 2I if gated).
+    Returns:
+        h: [M, I] activated rows (x's dtype), preact: [M, F] the GEMM output (saved for backward).
+    """
+    m, f = rows.shape[0], weight.shape[1]
+    xs = _acc(x[rows])
+    preact = xs.new_zeros(m, f)
+    for e, (s, t) in enumerate(group_bounds(offsets)):
+        if t > s:
+            preact[s:t] = xs[s:t] @ _acc(weight[e]).t()
+    preact = preact.to(x.dtype)
+    return activate(_acc(preact), activation, gated).to(x.dtype), preact
+
+
+def expert_gate_up_backward(
+    grad_h: torch.Tensor,
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    offsets: torch.Tensor,
+    weight: torch.Tensor,
+    preact: torch.Tensor,
+    activation: str,
+    gated: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns grad_x [N, H] (scatter-added over ``rows``) and grad_weight [E, F, H]."""
+    dpre = activate_backward(_acc(grad_h), _acc(preact), activation, gated)
+    xs = _acc(x[rows])
+    grad_xs = torch.zeros_like(xs)
+    grad_w = xs.new_zeros(weight.shape)
+    for e, (s, t) in enumerate(group_bounds(offsets)):
+        if t > s:
+            grad_xs[s:t] = dpre[s:t] @ _acc(weight[e])
+            grad_w[e] = dpre[s:t].t() @ xs[s:t]
+    grad_x = xs.new_zeros(x.shape).index_add_(0, rows, grad_xs)
+    return grad_x.to(x.dtype), grad_w.to(weight.dtype)
+
+
+def expert_down(
+    h: torch.Tensor,
+    offsets: torch.Tensor,
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    scale: torch.Tensor | None,
+    num_rows: int,
+) -> torch.Tensor:
+    """Grouped GEMM + optional per-row scale + scatter-add.
+
+    Args:
+        h: [M, I].  offsets: [E] int32.  weight: [E, H, I] (any strides).
+        rows: [M] int64, the output row each routed row is added to.  scale: [M] or None.
+    Returns:
+        out: [num_rows, H] in h's dtype, ``out[rows[i]] += scale[i] * (h[i] @ weight[e(i)].T)``.
+    """
+    hf = _acc(h)
+    y = hf.new_zeros(h.shape[0], weight.shape[1])
+    for e, (s, t) in enumerate(group_bounds(offsets)):
+        if t > s:
+            y[s:t] = hf[s:t] @ _acc(weight[e]).t()
+    if scale is not None:
+        y = y * _acc(scale)[:, None]
+    out = hf.new_zeros(num_rows, weight.shape[1]).index_add_(0, rows, y)
+    return out.to(h.dtype)
+
+
+def expert_down_backward(
+    grad_out: torch.Tensor,
+    h: torch.Tensor,
+    offsets: torch.Tensor,
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    scale: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns grad_h [M, I], grad_weight [E, H, I], grad_scale [M] (empty [0] when ``scale`` is None).
+
+    ``grad_scale[i] = <grad_out[rows[i]] @ weight[e], h[i]>`` reuses the product that grad_h needs,
+    so no GEMM output is saved or recomputed for it.
+    """
+    g = _acc(grad_out[rows])
+    hf = _acc(h)
+    dh = torch.zeros_like(hf)
+    grad_w = hf.new_zeros(weight.shape)
+    s_ = _acc(scale)[:, None] if scale is not None else None
+    gs = g * s_ if s_ is not None else g
+    for e, (s, t) in enumerate(group_bounds(offsets)):
+        if t > s:
+            dh[s:t] = g[s:t] @ _acc(weight[e])
+            grad_w[e] = gs[s:t].t() @ hf[s:t]
+    if scale is None:
+        return dh.to(h.dtype), grad_w.to(weight.dtype), h.new_empty(0)
+    grad_scale = (dh * hf).sum(-1)
+    return (dh * s_).to(h.dtype), grad_w.to(weight.dtype), grad_scale.to(scale.dtype)
