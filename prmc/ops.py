@@ -166,3 +166,8 @@ def _down_backward(ctx, grad_out):
 
 
 expert_down.register_autograd(_down_backward, setup_context=_down_setup)
+
+
+# CUDA implementations (Triton kernels); CPU-only installs without Triton keep the reference everywhere.
+if __import__("importlib.util").util.find_spec("triton") is not None:
+    from prmc.kernels import triton_moe  # noqa: E402,F401

@@ -1,0 +1,125 @@
+"""Checks of the Triton launchers against :mod:`prmc.kernels.reference`, shared by the CPU interpreter
+tests (``tests/test_kernels.py``) and the full-size GPU check (``benchmarks/check_kernels_gpu.py``).
+
+Every check draws fresh random inputs (never zeros) and compares each output of each op, forward and
+backward, with the reference computed in float64: ``|out - ref| / |ref|`` over the whole tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prmc.kernels import reference
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative Frobenius error in float64; NaN or a shape mismatch counts as infinitely wrong."""
+    if out.shape != ref.shape:
+        return float("inf")
+    out, ref = out.double(), ref.double()
+    err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    return err if err == err else float("inf")
+
+
+def random_routing(
+    tokens: int, experts: int, top_k: int, device, *, hot: int = 0, unrouted: int = 0, seed: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows [T*K - unrouted] int64, offsets [E] int32) of a random top-k routing, rows sorted by expert.
+
+    ``hot``: that many experts (at the end of the list) take ~90% of the choices, the rest share ~10%,
+    and the first expert gets none (an empty group). ``unrouted``: that many routed rows are dropped from
+    the groups (``offsets[-1] < M``), the rows no expert owns.
+    """
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    logits = torch.rand(tokens, experts, generator=gen)
+    if hot:
+        logits[:, -hot:] += 1.0
+        logits[:, 0] = -1.0
+    expert_ids = logits.topk(top_k, dim=-1).indices.to(device)
+    order, counts, _ = reference.sort_by_expert(expert_ids, experts)
+    rows = order // top_k
+    if unrouted:
+        counts = counts.clone()
+        drop = unrouted
+        for e in reversed(range(experts)):  # take them off the last non-empty groups
+            take = min(drop, int(counts[e]))
+            counts[e] -= take
+            drop -= take
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    return rows, offsets
+
+
+@dataclass
+class Case:
+    tokens: int
+    hidden: int
+    inter: int
+    experts: int
+    top_k: int
+    dtype: torch.dtype = torch.float32
+    activation: str = "silu"
+    gated: bool = True
+    hot: int = 0
+    unrouted: int = 0
+    transposed_weights: bool = False  # weights as transposed views of [E, H, F] / [E, I, H] storage
+
+
+def check_case(case: Case, device) -> dict[str, float]:
+    """Relative error of every output of the four expert ops, Triton launchers vs reference."""
+    from prmc.kernels import triton_moe
+
+    dev = torch.device(device)
+    rows, offsets = random_routing(
+        case.tokens, case.experts, case.top_k, dev, hot=case.hot, unrouted=case.unrouted
+    )  # fmt: skip
+    m, f = rows.shape[0], (2 if case.gated else 1) * case.inter
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, device=dev) * scale).to(case.dtype)
+
+    x = randn(case.tokens, case.hidden)
+    if case.transposed_weights:
+        w_gate_up = randn(case.experts, case.hidden, f, scale=case.hidden**-0.5).transpose(1, 2)
+        w_down = randn(case.experts, case.inter, case.hidden, scale=case.inter**-0.5).transpose(1, 2)
+    else:
+        w_gate_up = randn(case.experts, f, case.hidden, scale=case.hidden**-0.5)
+        w_down = randn(case.experts, case.hidden, case.inter, scale=case.inter**-0.5)
+    scale = torch.rand(m, device=dev, dtype=case.dtype) + 0.1
+    grad_out = randn(case.tokens, case.hidden)
+    grad_h = randn(m, case.inter)
+
+    def d(t):  # float64 copy for the reference
+        return t.double() if t is not None else None
+
+    errors = {}
+    h, preact = triton_moe.expert_gate_up(x, rows, offsets, w_gate_up, case.activation, case.gated)
+    h_ref, preact_ref = reference.expert_gate_up(d(x), rows, offsets, d(w_gate_up), case.activation, case.gated)
+    errors["gate_up.h"] = rel_err(h, h_ref)
+    errors["gate_up.preact"] = rel_err(preact, preact_ref)
+
+    # Backward ops take the kernel's preact (rounded as the op saves it) so both sides see one input.
+    gx, gw = triton_moe.expert_gate_up_backward(grad_h, x, rows, offsets, w_gate_up, preact, case.activation, case.gated)
+    gx_ref, gw_ref = reference.expert_gate_up_backward(
+        d(grad_h), d(x), rows, offsets, d(w_gate_up), d(preact), case.activation, case.gated
+    )  # fmt: skip
+    errors["gate_up_backward.grad_x"] = rel_err(gx, gx_ref)
+    errors["gate_up_backward.grad_w"] = rel_err(gw, gw_ref)
+
+    for name, s in [("scaled", scale), ("unscaled", None)]:
+        out = triton_moe.expert_down(h, offsets, w_down, rows, s, case.tokens)
+        out_ref = reference.expert_down(d(h), offsets, d(w_down), rows, d(s), case.tokens)
+        errors[f"down.{name}.out"] = rel_err(out, out_ref)
+        gh, gwd, gs = triton_moe.expert_down_backward(grad_out, h, offsets, w_down, rows, s)
+        gh_ref, gwd_ref, gs_ref = reference.expert_down_backward(d(grad_out), d(h), offsets, d(w_down), rows, d(s))
+        errors[f"down_backward.{name}.grad_h"] = rel_err(gh, gh_ref)
+        errors[f"down_backward.{name}.grad_w"] = rel_err(gwd, gwd_ref)
+        if s is not None:
+            errors[f"down_backward.{name}.grad_scale"] = rel_err(gs, gs_ref)
+    return errors
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """fp32 products are exact (ieee), so only summation order differs; bf16/fp16 round operands."""
+    return 1e-5 if dtype == torch.float32 else 1.5e-2

@@ -1,0 +1,239 @@
+"""Row-grouped GEMM: ``C[r] = A[src(r)] @ B[e(r)]`` over expert groups of rows, with MoE epilogues.
+
+The story
+---------
+After routing, the M routed rows are sorted by expert, and ``offsets[e]`` is the end row of expert
+``e``'s group (int32, cumulative, like ``torch._grouped_mm``). Each group multiplies its rows by its own
+[K, N] matrix B[e]. Every expert GEMM of an MoE layer that produces per-row outputs is this one kernel:
+
+=================  ==================  ===========================  ============================================
+use                A rows              B[e]                          epilogue
+=================  ==================  ===========================  ============================================
+gate_up forward    x[rows] (gathered)  W_gate_up[e].T  [H, F]        "gate_up":   preact, h = act(gate) * up
+down forward       h                   W_down[e].T     [I, H]        "scatter":   out[rows] += scale * C (atomic)
+gate_up grad_x     d preact            W_gate_up[e]    [F, H]        "scatter":   grad_x[rows] += C (atomic)
+down grad_h        grad_out[rows]      W_down[e]       [H, I]        "down_grad": grad_h = scale * C,
+                                                                                  grad_scale += rowsum(C * h)
+=================  ==================  ===========================  ============================================
+
+The gather is fused: a tile's A rows are loaded through the index vector, so no permuted copy of the
+tokens is ever written. B is addressed through three strides, so the weight may be any view (the
+transposes above are free).
+
+Persistent tile scheduler: one program per multiprocessor walks the tile list of all groups, tile ids
+``pid, pid + P, pid + 2P, ...``. The group sizes live on the device, so the list is never built: each
+program walks the groups in order, counting the tiles of each (``cdiv(rows, BLOCK_M) * cdiv(N, BLOCK_N)``),
+and works on its tiles while they fall inside the current group. No host sync, no padding of groups,
+empty groups cost nothing, and a last partial tile per group is masked. Within a group the tiles go in
+bands of GROUP row-blocks (see ``swizzle``), so the programs running at one time share B tiles in L2.
+
+Rows at and past ``offsets[-1]`` belong to no expert. Epilogues that write per-row outputs treat them as
+one more group whose tiles store zeros (the reference leaves them zero); the scatter epilogue skips them.
+
+Gated activation (SwiGLU and friends): the weight holds the gate rows first, then the up rows. A program
+owns columns ``j`` of both halves, keeps two accumulators that share each A tile, and the epilogue writes
+``preact`` (rounded to the output dtype, as the reference does) and ``h = act(gate) * up`` together.
+
+Scatter: several routed rows (one per chosen expert) add into one token row, so the epilogue adds with
+fp32 atomics into an fp32 buffer that the launcher casts afterwards (bf16 atomics would round each of
+the k partial sums). The sum's order varies between runs: the result is not bitwise deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from prmc.kernels._triton_common import (
+    activation,
+    fp32_dot,
+    gemm_configs,
+    group_start,
+    mma,
+    num_programs,
+    swizzle,
+)
+
+
+def _prune(configs, named_args, **kwargs):
+    """Two accumulators (gated) do not fit a 128x256 tile in registers."""
+    if named_args["GATED"]:
+        return [c for c in configs if c.kwargs["BLOCK_N"] <= 128] or configs
+    return configs
+
+
+@triton.autotune(
+    configs=gemm_configs("BLOCK_M", "BLOCK_N"),
+    key=["N", "K", "EPILOGUE", "GATED", "GATHER_A"],
+    prune_configs_by={"early_config_prune": _prune},
+    reset_to_zero=["c_ptr", "rowdot_ptr"],
+)
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def grouped_gemm_kernel(
+    a_ptr, a_rows_ptr, offsets_ptr, b_ptr, c_ptr, c_rows_ptr, h_ptr, scale_ptr, rowdot_ptr,
+    M, N, K, E, NUM_PROGRAMS,
+    stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn, stride_hm, stride_hn,
+    EPILOGUE: tl.constexpr, GATHER_A: tl.constexpr, HAS_SCALE: tl.constexpr,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):  # fmt: skip
+    # "scatter" leaves unrouted rows alone; the per-row epilogues zero them as an extra group E.
+    WRITES_TAIL: tl.constexpr = EPILOGUE != "scatter"
+    num_n = tl.cdiv(N, BLOCK_N)
+    tile = tl.program_id(0)
+    first_tile = 0  # id of the current group's first tile
+    row_begin = 0
+    b_group_ptr = b_ptr  # advanced by stride_be per group: 64-bit pointer arithmetic, no int32 overflow
+    for e in range(E + WRITES_TAIL):
+        if e < E:
+            row_end = tl.load(offsets_ptr + e)
+        else:
+            row_end = M
+        num_m = tl.cdiv(row_end - row_begin, BLOCK_M)
+        while tile < first_tile + num_m * num_n:
+            pid_m, pid_n = swizzle(tile - first_tile, num_m, num_n, GROUP)
+            offs_m = row_begin + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            m_mask = offs_m < row_end
+            n_mask = offs_n < N
+            out_mask = m_mask[:, None] & n_mask[None, :]
+            offs_m64 = offs_m.to(tl.int64)
+            if e < E:
+                # Out-of-tile rows and columns read row 0 / column 0 instead of being masked: always
+                # valid memory, and their results are never stored. Only K needs a mask (a reduction).
+                if GATHER_A:
+                    a_row = tl.load(a_rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+                else:
+                    a_row = tl.where(m_mask, offs_m64, 0)
+                b_col = tl.where(n_mask, offs_n, 0).to(tl.int64)
+                a_ptrs = a_ptr + a_row[:, None] * stride_am + tl.arange(0, BLOCK_K)[None, :] * stride_ak
+                b_ptrs = (
+                    b_group_ptr + tl.arange(0, BLOCK_K)[:, None] * stride_bk + b_col[None, :] * stride_bn
+                )  # fmt: skip
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for k in range(0, tl.cdiv(K, BLOCK_K)):
+                    if EVEN_K:
+                        a = tl.load(a_ptrs)
+                        b = tl.load(b_ptrs)
+                    else:
+                        k_left = K - k * BLOCK_K
+                        a = tl.load(a_ptrs, mask=tl.arange(0, BLOCK_K)[None, :] < k_left, other=0.0)
+                        b = tl.load(b_ptrs, mask=tl.arange(0, BLOCK_K)[:, None] < k_left, other=0.0)
+                    acc = mma(a, b, acc, FP32_DOT)
+                    if GATED:  # the up half: columns N..2N of the same weight
+                        if EVEN_K:
+                            b_up = tl.load(b_ptrs + N * stride_bn)
+                        else:
+                            b_up = tl.load(b_ptrs + N * stride_bn, mask=tl.arange(0, BLOCK_K)[:, None] < k_left, other=0.0)
+                        acc_up = mma(a, b_up, acc_up, FP32_DOT)
+                    a_ptrs += BLOCK_K * stride_ak
+                    b_ptrs += BLOCK_K * stride_bk
+
+                c_ptrs = c_ptr + offs_m64[:, None] * stride_cm + offs_n[None, :] * stride_cn
+                if EPILOGUE == "gate_up":
+                    gate = acc.to(c_ptr.dtype.element_ty)
+                    tl.store(c_ptrs, gate, mask=out_mask)
+                    h = activation(gate.to(tl.float32), ACTIVATION)
+                    if GATED:
+                        up = acc_up.to(c_ptr.dtype.element_ty)
+                        tl.store(c_ptrs + N * stride_cn, up, mask=out_mask)
+                        h = h * up.to(tl.float32)
+                    h_ptrs = h_ptr + offs_m64[:, None] * stride_hm + offs_n[None, :] * stride_hn
+                    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=out_mask)
+                elif EPILOGUE == "scatter":
+                    if HAS_SCALE:
+                        acc = acc * tl.load(scale_ptr + offs_m, mask=m_mask, other=0.0).to(tl.float32)[:, None]
+                    dst = tl.load(c_rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+                    dst_ptrs = c_ptr + dst[:, None] * stride_cm + offs_n[None, :] * stride_cn
+                    tl.atomic_add(dst_ptrs, acc, mask=out_mask, sem="relaxed")
+                else:  # "down_grad": acc is grad_out[rows] @ W_down[e], the gradient of the unscaled rows
+                    if HAS_SCALE:
+                        h_ptrs = h_ptr + offs_m64[:, None] * stride_hm + offs_n[None, :] * stride_hn
+                        h_in = tl.load(h_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+                        # grad_scale[r] = <acc[r], h[r]>, summed over the column tiles of row r.
+                        tl.atomic_add(rowdot_ptr + offs_m, tl.sum(acc * h_in, axis=1), mask=m_mask, sem="relaxed")
+                        acc = acc * tl.load(scale_ptr + offs_m, mask=m_mask, other=0.0).to(tl.float32)[:, None]
+                    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=out_mask)
+            else:  # rows routed to no expert
+                zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty)
+                c_ptrs = c_ptr + offs_m64[:, None] * stride_cm + offs_n[None, :] * stride_cn
+                tl.store(c_ptrs, zeros, mask=out_mask)
+                if EPILOGUE == "gate_up":
+                    if GATED:
+                        tl.store(c_ptrs + N * stride_cn, zeros, mask=out_mask)
+                    h_ptrs = h_ptr + offs_m64[:, None] * stride_hm + offs_n[None, :] * stride_hn
+                    tl.store(h_ptrs, zeros.to(h_ptr.dtype.element_ty), mask=out_mask)
+            tile += NUM_PROGRAMS
+        first_tile += num_m * num_n
+        row_begin = row_end
+        b_group_ptr += stride_be
+
+
+def grouped_gemm(
+    epilogue: str,
+    a: torch.Tensor,
+    offsets: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    *,
+    n: int,
+    a_rows: torch.Tensor | None = None,
+    c_rows: torch.Tensor | None = None,
+    h: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    rowdot: torch.Tensor | None = None,
+    activation: str = "silu",
+    gated: bool = False,
+) -> None:
+    """Launch the kernel over the groups of ``offsets``; writes ``c`` (and ``h``/``rowdot``) in place.
+
+    ``b`` is [E, K, N'] as strides (any view; N' = 2n when gated, the up half after the gate half);
+    ``m`` routed rows are ``offsets``' rows (``a_rows.shape[0]`` when gathering, else ``a.shape[0]``).
+    "scatter" and "down_grad" accumulate with atomics: ``c`` (scatter) and ``rowdot`` must be zeroed fp32.
+    """
+    m = a_rows.shape[0] if a_rows is not None else a.shape[0]
+    k = b.shape[1]
+    if m == 0 or n == 0:
+        return
+    programs = num_programs(a.device)
+    dummy = offsets  # stands in for unused pointer arguments (never dereferenced)
+    if rowdot is None:  # its own stand-in: the autotuner zeroes whatever tensor is passed here
+        rowdot = torch.empty(1, device=a.device, dtype=torch.float32)
+    grouped_gemm_kernel[(programs,)](
+        a, a_rows if a_rows is not None else dummy, offsets, b, c,
+        c_rows if c_rows is not None else dummy, h if h is not None else c,
+        scale if scale is not None else dummy, rowdot,
+        m, n, k, offsets.shape[0], programs,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
+        *(h.stride() if h is not None else (0, 0)),
+        EPILOGUE=epilogue, GATHER_A=a_rows is not None, HAS_SCALE=scale is not None,
+        ACTIVATION=activation, GATED=gated, FP32_DOT=fp32_dot(a.dtype),
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    # Check + benchmark of the gate_up forward (the largest user of this kernel) against the reference.
+    from prmc.kernels import reference
+    from prmc.kernels.check import random_routing, rel_err
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    tokens, hidden, inter, experts, top_k = (8192, 2048, 768, 128, 8) if device == "cuda" else (37, 48, 40, 5, 2)
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    w = torch.randn(experts, 2 * inter, hidden, device=device, dtype=dtype) / hidden**0.5
+    rows, offsets = random_routing(tokens, experts, top_k, device)
+    h = x.new_empty(rows.shape[0], inter)
+    preact = x.new_empty(rows.shape[0], 2 * inter)
+    grouped_gemm("gate_up", x, offsets, w.transpose(1, 2), preact, n=inter, a_rows=rows, h=h, gated=True)
+    h_ref, preact_ref = reference.expert_gate_up(x, rows, offsets, w, "silu", True)
+    print(f"gate_up forward: rel err h {rel_err(h, h_ref):.2e}, preact {rel_err(preact, preact_ref):.2e}")
+    if device == "cuda":
+        run = lambda: grouped_gemm(  # noqa: E731
+            "gate_up", x, offsets, w.transpose(1, 2), preact, n=inter, a_rows=rows, h=h, gated=True
+        )
+        ms = triton.testing.do_bench(run, return_mode="median")
+        print(f"{ms:.3f} ms, {2 * rows.shape[0] * hidden * 2 * inter / ms / 1e9:.0f} TFLOP/s")

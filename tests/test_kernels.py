@@ -1,0 +1,70 @@
+"""Triton kernels vs the reference, on CPU through Triton's interpreter.
+
+``TRITON_INTERPRET=1`` must be set before the kernels are defined, and other test modules use real
+Inductor in this process (and ``prmc.ops`` has already defined the kernels for the GPU), so the checks
+run in child processes: this file, run as a script, checks the cases it is given and prints their errors
+as JSON. Two children share the cases, one per core.
+
+The interpreter multiplies in fp32 (its bf16 ``tl.dot`` is broken in Triton 3.9) and truncates when it
+rounds fp32 to bf16/fp16 (the GPU rounds to nearest), so half-precision tolerances here are looser than
+on the GPU (``benchmarks/check_kernels_gpu.py`` runs the same checks at full size there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from prmc.kernels.check import Case, check_case
+
+pytest.importorskip("triton")
+
+CASES = {
+    "fp32-silu": Case(37, 48, 40, 5, 2),
+    "bf16-silu": Case(37, 48, 40, 5, 2, dtype=torch.bfloat16),
+    # expert 0 empty, one hot expert, 5 rows past offsets[-1], weights as transposed views
+    "fp32-gelu-skewed-unrouted-transposed": Case(29, 40, 24, 4, 3, activation="gelu", hot=1, unrouted=5, transposed_weights=True),
+    "fp32-gelu_tanh-ungated-odd": Case(23, 33, 17, 3, 2, activation="gelu_tanh", gated=False),
+    # top-1 routing with one hot expert: one group holds every row, the others are empty
+    "fp32-relu-one-group": Case(40, 32, 24, 4, 1, activation="relu", hot=1),
+    "fp16-silu-ungated": Case(31, 40, 24, 6, 3, dtype=torch.float16, gated=False),
+    "bf16-gelu_tanh-unrouted-transposed": Case(29, 40, 24, 4, 2, dtype=torch.bfloat16, activation="gelu_tanh", unrouted=3, transposed_weights=True),
+}  # fmt: skip
+
+# fp32 products are exact; half precision pays the interpreter's truncating rounding (see above).
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(scope="module")
+def interpreter_errors() -> dict[str, dict[str, float]]:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    names = list(CASES)
+    children = [
+        subprocess.Popen([sys.executable, __file__, *names[i::2]], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]  # fmt: skip
+    errors = {}
+    for child in children:
+        out, err = child.communicate(timeout=600)
+        assert child.returncode == 0, f"interpreter checks failed:\n{err[-4000:]}"
+        errors.update(json.loads(out.strip().splitlines()[-1]))
+    return errors
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernels_match_reference(name, interpreter_errors):
+    case = CASES[name]
+    errors = interpreter_errors[name]
+    assert len(errors) == 11, sorted(errors)  # every output of the four ops, scaled and unscaled down
+    bad = {k: v for k, v in errors.items() if not v <= TOLERANCE[case.dtype]}
+    assert not bad, f"{name}: relative errors over {TOLERANCE[case.dtype]:g}: {bad}"
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    print(json.dumps({name: check_case(CASES[name], "cpu") for name in sys.argv[1:]}))
