@@ -1,0 +1,47 @@
+"""The ``prmc`` torch.compile backend.
+
+Data flows one way: Dynamo's FX graph -> prmc passes (recognise, moe_dispatch, ...) on that graph
+-> AOT autograd (forward and backward) -> Inductor. A graph with no MoE block is handed to Inductor
+untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+from prmc import capture
+from prmc.config import PrmcConfig
+from prmc.passes import PASSES
+from prmc.report import log, new_report
+
+capture.install()
+
+
+def backend(gm: GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None, mode: str | None = None):
+    """``torch.compile(model, backend="prmc", options={...})``; also usable as ``backend=prmc.backend``."""
+    config = PrmcConfig.from_options(options)
+    report = new_report(config.passes)
+    for name in config.passes:
+        PASSES[name].run(gm, config, report)
+    if report.rewritten:
+        gm.graph.lint()
+        gm.recompile()
+    log.info("%s", report)
+    if config.report:
+        print(report)
+    if config.compiler == "aot_eager":
+        from torch._dynamo.backends.common import aot_autograd
+        from torch._functorch.aot_autograd import make_boxed_compiler
+        from torch._functorch.compilers import nop
+
+        return aot_autograd(fw_compiler=make_boxed_compiler(nop))(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    if mode is not None and mode != "default":
+        from torch._inductor import list_mode_options
+
+        return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode))
+    return compile_fx(gm, example_inputs)

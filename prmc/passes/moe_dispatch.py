@@ -1,0 +1,114 @@
+"""moe_dispatch: lower each recognised MoE block into prmc ops (dropless, one device).
+
+Matches: nodes tagged ``meta["prmc"]["role"] == "moe_output"`` by ``recognise`` (their ``MoESpec``).
+Produces, right before the block's output and replacing it (routing stays the model's own ops)::
+
+    x2d     = tokens.reshape(-1, H)                                  role "tokens"
+    ids     = expert_ids.reshape(-1, K)                              role "expert_ids"
+    wts     = weights.reshape(-1)   (dense gate: gather(gate, 1, ids)) role "weights"
+    sorted  = prmc.sort_by_expert(ids, E)                            role "dispatch"
+    rows    = sorted[0] // K                                         role "rows"
+    scale   = wts[sorted[0]]                                         role "scale"
+    gu      = prmc.expert_gate_up(x2d, rows, sorted[2], W13, act, gated)   role "gate_up"
+    out     = prmc.expert_down(gu[0], sorted[2], W2, rows, scale, T)       role "down"
+
+Every inserted node carries ``meta["prmc"] = {"block": name, "role": ...}`` (the dispatch node also
+``"spec"``), which is what the expert-parallel, overlap and recompute passes match on. The original
+expert computation is erased where nothing else uses it.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import GraphModule, Node
+
+from prmc.passes.recognise import MoESpec, WeightStack
+
+
+def run(gm: GraphModule, config, report) -> None:
+    for node in list(gm.graph.nodes):
+        meta = node.meta.get("prmc")
+        if meta and meta.get("role") == "moe_output":
+            spec: MoESpec = meta["spec"]
+            _lower(gm, spec)
+            block = report.block(spec.name)
+            block.rewritten = True
+            block.reason = ""
+            block.rewrites.append("sort_by_expert -> expert_gate_up -> expert_down")
+
+
+def _weight(graph, stack: WeightStack, tag) -> Node:
+    w = stack.nodes[0] if not stack.per_expert else tag(graph.call_function(torch.stack, (list(stack.nodes),)), "weight")
+    return tag(graph.call_method("transpose", (w, 1, 2)), "weight") if stack.transposed else w
+
+
+def _lower(gm: GraphModule, spec: MoESpec) -> None:
+    graph = gm.graph
+    y = spec.output
+
+    def tag(node: Node, role: str) -> Node:
+        node.meta["prmc"] = {"block": spec.name, "role": role}
+        return node
+
+    with graph.inserting_before(y):
+        w13 = [_weight(graph, s, tag) for s in spec.gate_up]
+        w13 = w13[0] if len(w13) == 1 else tag(graph.call_function(torch.cat, (w13,), {"dim": 1}), "weight")
+        w2 = _weight(graph, spec.down, tag)
+        x2d = tag(graph.call_method("reshape", (spec.tokens, -1, spec.hidden)), "tokens")
+        x_dtype, w_dtype = spec.tokens.meta["example_value"].dtype, _dtype(spec.gate_up[0].nodes[0])
+        if x_dtype != w_dtype:
+            x2d = tag(graph.call_method("to", (x2d, w_dtype)), "tokens")
+        ids = tag(graph.call_method("reshape", (spec.expert_ids, -1, spec.top_k)), "expert_ids")
+        if spec.dense_gate:
+            gate = graph.call_method("reshape", (spec.weights, -1, spec.num_experts))
+            wts = tag(graph.call_function(torch.gather, (gate, 1, ids)), "weights")
+            wts = tag(graph.call_method("reshape", (wts, -1)), "weights")
+        else:
+            wts = tag(graph.call_method("reshape", (spec.weights, -1)), "weights")
+        dispatch = tag(graph.call_function(torch.ops.prmc.sort_by_expert.default, (ids, spec.num_experts)), "dispatch")
+        dispatch.meta["prmc"]["spec"] = spec
+        order = tag(graph.call_function(operator.getitem, (dispatch, 0)), "order")
+        offsets = tag(graph.call_function(operator.getitem, (dispatch, 2)), "offsets")
+        rows = tag(graph.call_function(operator.floordiv, (order, spec.top_k)), "rows")
+        scale = tag(graph.call_function(operator.getitem, (wts, order)), "scale")
+        gate_up = tag(
+            graph.call_function(
+                torch.ops.prmc.expert_gate_up.default, (x2d, rows, offsets, w13, spec.activation, spec.gated)
+            ),
+            "gate_up",
+        )
+        h = tag(graph.call_function(operator.getitem, (gate_up, 0)), "h")
+        num_tokens = tag(graph.call_method("size", (x2d, 0)), "num_tokens")
+        out = tag(
+            graph.call_function(torch.ops.prmc.expert_down.default, (h, offsets, w2, rows, scale, num_tokens)), "down"
+        )
+        y_value = y.meta["example_value"]
+        if y_value.dtype != w_dtype:
+            out = tag(graph.call_method("to", (out, y_value.dtype)), "output")
+        if y_value.dim() != 2:
+            out = tag(graph.call_method("reshape", (out, _output_shape(graph, spec))), "output")
+    y.replace_all_uses_with(out)
+    out.meta["prmc"]["spec"] = spec
+    _erase_unused(graph, [*spec.region, y])
+
+
+def _dtype(n: Node) -> torch.dtype:
+    return n.meta["example_value"].dtype
+
+
+def _output_shape(graph, spec: MoESpec):
+    """The block output's shape: static sizes, or (dynamic) the block input's sizes, which recognise
+    checked are the same."""
+    shape = spec.output.meta["example_value"].shape
+    if all(isinstance(d, int) for d in shape):
+        return tuple(shape)
+    return graph.call_method("size", (spec.token_source,))
+
+
+def _erase_unused(graph, region: list[Node]) -> None:
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    for n in sorted(set(region), key=position.__getitem__, reverse=True):
+        if not n.users:
+            graph.erase_node(n)

@@ -1,0 +1,613 @@
+"""recognise: find the MoE blocks of a Dynamo graph and describe each as an :class:`MoESpec`.
+
+Matches on what the graph computes, not on module or class names:
+
+1. A *routing top-k* is a ``topk`` whose indices reach no later ``topk`` (so the group-limited
+   top-k of DeepSeek-V3 counts once, by its final selection). Its scores must come from a router
+   projection: a matmul of the block's tokens ``x`` [T, H] with a parameter of E rows.
+2. The *expert computation* is the part of the graph between the routing and a value ``Y`` of the
+   tokens' shape: every ancestor of ``Y``, walking back, must stop at the tokens (or views and casts
+   of them), at the top-k indices, at one routing-weight tensor ([T, K] derived from the top-k, or a
+   dense [T, E] gate matrix) or at parameters. Candidates for ``Y`` are tried from the latest node
+   back, so a shared expert added to the routed sum is kept outside the block.
+3. The expert parameters (stacked [E, ., .] tensors, or E per-expert matrices grouped by name) are
+   read as gate/up and down projections in every layout their shapes allow.
+4. Proof: the original expert computation and the prmc lowering are both run, on the graph's own
+   shapes and parameters, with random tokens, random routing (one probe leaves experts empty) and
+   random weights; an interpretation is accepted only if they agree to the dtype's tolerance.
+   Nothing is rewritten on a guess: a block no interpretation reproduces is reported with the reason.
+
+Produces ``Y.meta["prmc"] = {"block": name, "role": "moe_output", "spec": MoESpec}`` and one entry
+per routing top-k in the report. The graph itself is not changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import operator
+import re
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Graph, GraphModule, Node
+
+from prmc.kernels.reference import ACTIVATIONS
+
+# Single-input ops through which the tokens reach the router unchanged in value.
+_VIEW_METHODS = {"view", "reshape", "to", "float", "type", "contiguous", "flatten", "bfloat16", "half", "detach"}
+_ACT_TARGETS: dict[Any, str] = {
+    F.silu: "silu",
+    torch.nn.functional.silu: "silu",
+    F.gelu: "gelu",
+    F.relu: "relu",
+    torch.relu: "relu",
+    torch.sigmoid: "silu",
+    torch.tanh: "gelu_tanh",
+}
+_ACT_METHODS = {"silu": "silu", "relu": "relu", "sigmoid": "silu", "tanh": "gelu_tanh"}
+_MATMULS = (F.linear, torch.matmul, operator.matmul, torch.mm, "matmul", "mm")
+_INPLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightStack:
+    """One [E, out, in] expert weight as the graph holds it.
+
+    ``nodes`` is either one stacked parameter of leading dimension E, or E per-expert matrices in
+    expert order. ``transposed`` means the stored layout is [.., in, out] (x @ W) rather than
+    nn.Linear's [.., out, in].
+    """
+
+    nodes: tuple[Node, ...]
+    transposed: bool
+
+    @property
+    def per_expert(self) -> bool:
+        return len(self.nodes) > 1
+
+
+@dataclasses.dataclass
+class MoESpec:
+    """What one MoE block computes: ``Y[t] = sum_k w[t,k] * expert_{ids[t,k]}(x[t])``.
+
+    ``expert_e(x) = down_e @ act(gate_e @ x) * (up_e @ x)`` when ``gated``, else ``down_e @ act(up_e @ x)``.
+    Routing (scores, top-k, normalisation, scaling, group limits) stays the model's own ops: the spec
+    points at its results.
+    """
+
+    name: str  # module path of the block, for reports
+    form: str  # how the model spelled the experts (grouped_mm, per-expert loop, dense, ...)
+    tokens: Node  # [..., H] tokens entering the experts
+    token_source: Node  # the block input the tokens are a view of (same shape as ``output`` if not 2-D)
+    expert_ids: Node  # [T, K] top-k expert indices
+    weights: Node  # [T, K] routing weights, or [T, E] dense gate matrix
+    dense_gate: bool
+    output: Node  # the node whose value the experts produce
+    num_experts: int
+    top_k: int
+    hidden: int
+    intermediate: int
+    activation: str
+    gated: bool
+    gate_up: tuple[WeightStack, ...]  # concatenated along the output rows, gate first
+    down: WeightStack
+    routing: str
+    shared_expert: Node | None  # the value added to the routed output outside the block, if any
+    region: tuple[Node, ...]  # the original expert computation (graph order)
+
+
+class NotMoE(Exception):
+    """A top-k that is not (provably) an MoE block; the message says why and what to do."""
+
+
+def run(gm: GraphModule, config, report) -> None:
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    routing = _routing_topks(nodes, report)
+    boundaries = [order[k] for k in routing] + [len(nodes)]
+    for i, topk in enumerate(routing):
+        name = _module_path(topk) or f"top-k {topk.name}"
+        try:
+            spec = _recognise_block(gm, topk, order, nodes[order[topk] : boundaries[i + 1]])
+        except NotMoE as why:
+            block = report.block(name)
+            block.reason = str(why)
+            continue
+        block = report.block(spec.name)
+        block.form, block.num_experts, block.top_k = spec.form, spec.num_experts, spec.top_k
+        block.hidden, block.intermediate, block.routing = spec.hidden, spec.intermediate, spec.routing
+        block.activation = f"{spec.activation}{' (gated)' if spec.gated else ''}"
+        block.shared_expert = spec.shared_expert is not None
+        block.reason = "recognised; the moe_dispatch pass is not enabled"
+        spec.output.meta["prmc"] = {"block": spec.name, "role": "moe_output", "spec": spec}
+
+
+# --------------------------------------------------------------------------------------------- graph
+
+
+def _routing_topks(nodes: list[Node], report) -> list[Node]:
+    """The final top-k of each router: of the top-ks fed by one router projection (a group-limited
+    router has two), the one whose indices reach no other."""
+    by_router: dict[Node, list[Node]] = {}
+    for k in (n for n in nodes if _is_topk(n)):
+        try:
+            by_router.setdefault(_router_projection(k)[0], []).append(k)
+        except NotMoE as why:
+            block = report.block(_module_path(k) or f"top-k {k.name}")
+            block.reason = str(why)
+    routing = []
+    for ks in by_router.values():
+        routing += [k for k in ks if not any(o is not k and o in _descendants(k) for o in ks)]
+    position = {n: i for i, n in enumerate(nodes)}
+    return sorted(routing, key=position.__getitem__)
+
+
+
+def _is_topk(n: Node) -> bool:
+    return (n.op == "call_function" and n.target is torch.topk) or (n.op == "call_method" and n.target == "topk")
+
+
+def _module_path(n: Node) -> str:
+    stack = n.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return re.sub(r"^L\['self'\]\.?", "", path).replace("._modules['", ".").replace("']", "")
+
+
+def _descendants(n: Node) -> set[Node]:
+    seen, todo = set(), [n]
+    while todo:
+        for u in todo.pop().users:
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return seen
+
+
+def _value(n: Node) -> Any:
+    return n.meta.get("example_value")
+
+
+def _is_float_tensor(n: Node) -> bool:
+    v = _value(n)
+    return isinstance(v, torch.Tensor) and v.is_floating_point()
+
+
+def _hint(d) -> int:
+    """A concrete size for a possibly symbolic dimension (its trace-time value)."""
+    if isinstance(d, torch.SymInt):
+        return d.node.hint if d.node.hint is not None else int(d.node.shape_env.size_hint(d.node.expr))
+    return int(d)
+
+
+def _shape(n: Node) -> tuple[int, ...]:
+    return tuple(_hint(d) for d in _value(n).shape)
+
+
+def _topk_outputs(topk: Node) -> tuple[Node | None, Node | None]:
+    values = indices = None
+    for u in topk.users:
+        if u.op == "call_function" and u.target is operator.getitem:
+            values, indices = (u, indices) if u.args[1] == 0 else (values, u)
+        elif u.op == "call_function" and u.target is getattr:
+            values, indices = (u, indices) if u.args[1] == "values" else (values, u)
+    return values, indices
+
+
+def _param_value(gm: GraphModule, n: Node) -> torch.Tensor | None:
+    """The real parameter behind a placeholder or get_attr, or None if ``n`` is no parameter."""
+    if n.op == "placeholder":
+        arg = n.meta.get("grapharg")
+        example = getattr(arg, "example", None) if arg is not None else None
+        return example if isinstance(example, torch.nn.Parameter) else None
+    if n.op == "get_attr":
+        value = gm
+        for part in n.target.split("."):
+            value = getattr(value, part)
+        return value if isinstance(value, torch.nn.Parameter) else None
+    return None
+
+
+def _param_name(n: Node) -> str:
+    arg = n.meta.get("grapharg")
+    return arg.source.name if arg is not None else str(n.target)
+
+
+def _is_inplace(n: Node) -> bool:
+    if n.op == "call_method":
+        return n.target.endswith("_") and not n.target.endswith("__")
+    if n.op == "call_function":
+        name = getattr(n.target, "__name__", "")
+        return n.target in _INPLACE_FUNCTIONS or (name.endswith("_") and not name.endswith("__"))
+    return False
+
+
+# ----------------------------------------------------------------------------------------- matching
+
+
+def _router_projection(topk: Node) -> tuple[Node, Node]:
+    """The matmul of tokens with an [E, H] parameter whose scores this top-k selects from, and the tokens."""
+    num_experts = _shape(topk.args[0])[-1]
+    seen, todo = set(), [topk]
+    while todo:
+        n = todo.pop()
+        for a in n.all_input_nodes:
+            if a in seen:
+                continue
+            seen.add(a)
+            if a.op in ("call_function", "call_method") and a.target in _MATMULS:
+                x, w = a.args[0], a.args[1]
+                wv = _value(w) if isinstance(w, Node) else None
+                if isinstance(x, Node) and isinstance(wv, torch.Tensor) and wv.dim() == 2 and num_experts in _shape(w):
+                    return a, x
+            todo.append(a)
+    raise NotMoE(
+        "no router projection (a matmul of the tokens with an [E, H] parameter) feeds this top-k: "
+        "prmc only rewrites token-choice routers"
+    )
+
+
+def _router_tokens(topk: Node) -> tuple[Node, list[Node]]:
+    """The tokens the router projects, and the chain of views/casts of them back to their source."""
+    x = _router_projection(topk)[1]
+    chain = [x]
+    while chain[-1].op == "call_method" and chain[-1].target in _VIEW_METHODS:
+        chain.append(chain[-1].args[0])
+    return x, chain
+
+
+def _closure(
+    y: Node, stops: set[Node], lo: int, order: dict[Node, int], gm: GraphModule, forbidden: set[Node] = frozenset()
+) -> tuple[list[Node], set[Node]] | None:
+    """Nodes computing ``y`` from ``stops`` and parameters (with in-place ops on them), and the leaves
+    reached; None if ``y`` needs anything else: a node before index ``lo`` or in ``forbidden``."""
+    region: set[Node] = set()
+    leaves: set[Node] = set()
+    todo = [y]
+    while todo:
+        n = todo.pop()
+        if n in region or n in leaves:
+            continue
+        if n in stops or _param_value(gm, n) is not None:
+            leaves.add(n)
+            continue
+        if n.op in ("placeholder", "get_attr", "output") or order[n] < lo or n in forbidden:
+            return None
+        region.add(n)
+        todo.extend(n.all_input_nodes)
+        todo.extend(u for u in n.users if _is_inplace(u) and u.args and u.args[0] is n and order[u] < order[y])
+    return sorted(region, key=order.__getitem__), leaves
+
+
+def _activation_candidates(region: list[Node]) -> list[str]:
+    found = []
+    for n in region:
+        act = None
+        if n.op == "call_function" and n.target in _ACT_TARGETS:
+            act = _ACT_TARGETS[n.target]
+            if act == "gelu" and n.kwargs.get("approximate", "none") == "tanh":
+                act = "gelu_tanh"
+        elif n.op == "call_method" and n.target in _ACT_METHODS:
+            act = _ACT_METHODS[n.target]
+        if act and act not in found:
+            found.append(act)
+    return found + [a for a in ACTIVATIONS if a not in found]
+
+
+def _stacks_by_role(gm: GraphModule, params: list[Node], num_experts: int) -> list[list[Node]] | None:
+    """Per-expert 2-D parameters grouped by role (same name but for numbers), each in expert order."""
+    roles: dict[str, list[Node]] = {}
+    for p in params:
+        roles.setdefault(re.sub(r"\d+", "#", _param_name(p)), []).append(p)
+    if any(len(v) != num_experts for v in roles.values()):
+        return None
+    key = lambda p: tuple(int(d) for d in re.findall(r"\d+", _param_name(p)))  # noqa: E731
+    return [sorted(v, key=key) for v in roles.values()]
+
+
+def _weight_interpretations(gm: GraphModule, params: list[Node], num_experts: int, hidden: int):
+    """Every (gate_up stacks, down stack, gated, intermediate) the parameter shapes allow."""
+    shapes = {p: _shape(p) for p in params}
+    if any(len(s) not in (2, 3) for s in shapes.values()):
+        raise NotMoE("the experts use parameters that are neither matrices nor stacked matrices (biases are not supported yet)")
+    if all(len(s) == 3 and s[0] == num_experts for s in shapes.values()):
+        stacks = [[p] for p in params]
+        mats = {p: s[1:] for p, s in shapes.items()}
+    elif all(len(s) == 2 for s in shapes.values()):
+        stacks = _stacks_by_role(gm, params, num_experts)
+        if stacks is None:
+            raise NotMoE(f"{len(params)} expert matrices cannot be grouped into {num_experts} experts by name")
+        mats = {p: shapes[p] for p in params}
+    else:
+        raise NotMoE("the experts mix stacked and per-expert parameters")
+
+    def oriented(stack, transposed):  # -> (out, in) of the projection, or None
+        out, inp = mats[stack[0]] if not transposed else mats[stack[0]][::-1]
+        return out, inp
+
+    result = []
+    for perm in itertools.permutations(stacks):
+        for flags in itertools.product((False, True), repeat=len(perm)):
+            dims = [oriented(s, t) for s, t in zip(perm, flags)]
+            ws = [WeightStack(tuple(s), t) for s, t in zip(perm, flags)]
+            down_out, inter = dims[-1]
+            if down_out != hidden:
+                continue
+            if len(perm) == 2:
+                f, h = dims[0]
+                if h != hidden:
+                    continue
+                if f == 2 * inter:
+                    result.append(((ws[0],), ws[1], True, inter))
+                if f == inter:
+                    result.append(((ws[0],), ws[1], False, inter))
+            elif len(perm) == 3:
+                (g, hg), (u, hu) = dims[0], dims[1]
+                if hg == hu == hidden and g == u == inter:
+                    result.append(((ws[0], ws[1]), ws[2], True, inter))
+    if not result:
+        raise NotMoE(f"expert parameter shapes {sorted(set(shapes.values()))} do not form gate/up and down projections of hidden size {hidden}")
+    return result
+
+
+def _routing_kind(topk: Node, router_out: Node, weights: Node) -> str:
+    ops = set()
+    for n in _ancestors_until(topk, router_out) | _ancestors_until(weights, router_out):
+        t = n.target if n.op == "call_method" else getattr(n.target, "__name__", str(n.target))
+        ops.add(t)
+    kind = "sigmoid" if "sigmoid" in ops else "softmax" if "softmax" in ops else "scores"
+    parts = [f"{kind} top-k"]
+    if "topk" in {getattr(n.target, "__name__", n.target) for n in _ancestors_until(topk, router_out) if n is not topk}:
+        parts.append("group-limited")
+    if ops & {"truediv", "itruediv", "div", "div_"}:
+        parts.append("normalised")
+    return ", ".join(parts)
+
+
+def _ancestors_until(n: Node, stop: Node | None) -> set[Node]:
+    seen, todo = set(), [n]
+    while todo:
+        m = todo.pop()
+        if m in seen or m is stop:
+            continue
+        seen.add(m)
+        todo.extend(m.all_input_nodes)
+    return seen
+
+
+def _form(gm: GraphModule, region: list[Node], dense: bool) -> str:
+    names = set()
+    for n in region:
+        names.add(n.target if n.op == "call_method" else getattr(n.target, "__name__", str(n.target)))
+    if dense:
+        return "dense gate-weighted sum over all experts"
+    if "grouped_mm" in names or "_grouped_mm" in names:
+        return "grouped_mm experts"
+    if any("grouped_mm_fallback" in str(n.target) for n in region):
+        return "grouped_mm experts (transformers fallback op)"
+    if "bmm" in names:
+        return "batched_mm experts"
+    return "per-expert loop"
+
+
+def _recognise_block(gm: GraphModule, topk: Node, order: dict[Node, int], window: list[Node]) -> MoESpec:
+    values, ids = _topk_outputs(topk)
+    if ids is None:
+        raise NotMoE("the top-k indices are never used")
+    t_k = _shape(ids)
+    top_k, num_tokens = t_k[-1], 1
+    for d in t_k[:-1]:
+        num_tokens *= d
+    num_experts = _shape(topk.args[0])[-1]
+    router_x, x_chain = _router_tokens(topk)
+    hidden = _shape(router_x)[-1]
+    lo = min(order[n] for n in x_chain)
+    after = _descendants(topk)
+    weight_inputs = {
+        n
+        for n in after
+        if _is_float_tensor(n) and _shape(n)[-1] in (top_k, num_experts) and _numel(n) in (num_tokens * top_k, num_tokens * num_experts)
+    }
+    stops = set(x_chain) | weight_inputs | {ids}
+    candidates = [
+        n for n in reversed(window) if n in after and n not in weight_inputs and _is_float_tensor(n) and _shape(n)[-1] == hidden and _numel(n) == num_tokens * hidden
+    ]
+    why = "no value of the tokens' shape is computed from the routing in this graph"
+    router_side = _ancestors_until(topk, None)
+    for y in candidates:
+        closed = _closure(y, stops, lo, order, gm, router_side)
+        if closed is None:
+            continue
+        region, leaves = closed
+        w_leaves = leaves & weight_inputs
+        x_leaves = leaves & set(x_chain)
+        if ids not in leaves or len(w_leaves) != 1 or not x_leaves:
+            why = "the expert computation does not use exactly one routing-weight tensor, the top-k indices and the tokens"
+            continue
+        (weights,) = w_leaves
+        params = [n for n in leaves if _param_value(gm, n) is not None]
+        if not params:
+            continue
+        dense = _shape(weights)[-1] == num_experts and num_experts != top_k
+        try:
+            interpretations = _weight_interpretations(gm, sorted(params, key=order.__getitem__), num_experts, hidden)
+        except NotMoE as e:
+            why = str(e)
+            continue
+        x = max(x_leaves, key=order.__getitem__)
+        if not _static_or_same_shape(y, x_chain[-1]):
+            why = "the block's output has a dynamic shape other than its input's"
+            continue
+        probe = _Probe(gm, region, x_chain, x, ids, weights, dense, y, num_experts)
+        for (gate_up, down, gated, inter), act in itertools.product(interpretations, _activation_candidates(region)):
+            if probe.matches(lambda xx, ii, ww, pv: _lowered(xx, ii, ww, pv, gate_up, down, gated, act, num_experts, dense)):
+                name = _block_name(topk, y)
+                return MoESpec(
+                    name=name,
+                    form=_form(gm, region, dense),
+                    tokens=x,
+                    token_source=x_chain[-1],
+                    expert_ids=ids,
+                    weights=weights,
+                    dense_gate=dense,
+                    output=y,
+                    num_experts=num_experts,
+                    top_k=top_k,
+                    hidden=hidden,
+                    intermediate=inter,
+                    activation=act,
+                    gated=gated,
+                    gate_up=gate_up,
+                    down=down,
+                    routing=_routing_kind(topk, router_x, weights),
+                    shared_expert=_shared_expert(gm, y, set(x_chain), lo, order),
+                    region=tuple(region),
+                )
+        why = (
+            "the expert computation matches no gate/up/down reading of its parameters with a "
+            f"{'/'.join(ACTIVATIONS)} activation on random probes (custom gating, biases or clamping are not supported yet)"
+        )
+    raise NotMoE(why + " (a graph break inside the block splits it: see the graph breaks below)")
+
+
+def _static_or_same_shape(y: Node, source: Node) -> bool:
+    shape = _value(y).shape
+    if all(isinstance(d, int) for d in shape) or len(shape) == 2:
+        return True
+    return [str(d) for d in shape] == [str(d) for d in _value(source).shape]
+
+
+def _numel(n: Node) -> int:
+    out = 1
+    for d in _shape(n):
+        out *= d
+    return out
+
+
+def _block_name(topk: Node, y: Node) -> str:
+    """The deepest module holding both the router's top-k and the experts' output."""
+    prefix = []
+    for p, q in zip(_module_path(topk).split("."), _module_path(y).split(".")):
+        if p != q:
+            break
+        prefix.append(p)
+    return ".".join(prefix) or y.name
+
+
+def _shared_expert(gm: GraphModule, y: Node, x_chain: set[Node], lo: int, order: dict[Node, int]) -> Node | None:
+    """The other operand of an add that combines the routed output with a value of the tokens alone."""
+    for u in y.users:
+        if u.op == "call_function" and u.target in (operator.add, torch.add, operator.iadd):
+            for other in u.all_input_nodes:
+                if other is not y and _closure(other, x_chain, lo, order, gm) is not None:
+                    return other
+    return None
+
+
+# ------------------------------------------------------------------------------------------- proof
+
+
+def _lowered(x, ids, weights, params, gate_up, down, gated, activation, num_experts, dense):
+    """The prmc lowering of a spec, run eagerly on real tensors (what moe_dispatch inserts)."""
+    x2d = x.reshape(-1, x.shape[-1])
+    ids2d = ids.reshape(-1, ids.shape[-1])
+    w = torch.gather(weights.reshape(ids2d.shape[0], -1), 1, ids2d) if dense else weights
+    w13 = torch.cat([stack_weight([params[n] for n in s.nodes], s.transposed) for s in gate_up], dim=1)
+    w2 = stack_weight([params[n] for n in down.nodes], down.transposed)
+    out = moe_experts(x2d.to(w13.dtype), ids2d, w.reshape(-1), w13, w2, activation, gated, num_experts)
+    return out
+
+
+def stack_weight(parts: list, transposed: bool):
+    """[E, out, in] from one stacked parameter or E per-expert matrices (tensors or, in graphs, nodes)."""
+    w = parts[0] if len(parts) == 1 else torch.stack(parts)
+    return w.transpose(1, 2) if transposed else w
+
+
+def moe_experts(x2d, ids2d, w_flat, w13, w2, activation: str, gated: bool, num_experts: int):
+    """Routed experts on one device, in prmc ops: [T, H] -> [T, H] (in x2d's dtype)."""
+    top_k = ids2d.shape[1]
+    order, _counts, offsets = torch.ops.prmc.sort_by_expert(ids2d, num_experts)
+    rows = order // top_k
+    h, _preact = torch.ops.prmc.expert_gate_up(x2d, rows, offsets, w13, activation, gated)
+    return torch.ops.prmc.expert_down(h, offsets, w2, rows, w_flat[order], x2d.shape[0])
+
+
+class _Probe:
+    """Runs the original expert computation and a candidate lowering on the same random inputs."""
+
+    def __init__(self, gm, region, x_chain, x, ids, weights, dense, y, num_experts):
+        self.gm, self.ids, self.weights, self.dense, self.num_experts = gm, ids, weights, dense, num_experts
+        self.root = x_chain[-1]
+        # The probe graph takes (tokens source, ids, weights, *params) and returns (x, y).
+        graph = Graph()
+        env: dict[Node, Node] = {}
+        env[self.root] = graph.placeholder("tokens")
+        env[ids] = graph.placeholder("ids")
+        env[weights] = graph.placeholder("weights")
+        self.params = [n for n in _leaf_params(gm, region)]
+        for p in self.params:
+            env[p] = graph.placeholder(p.name)
+        chain = list(reversed(x_chain[:-1]))
+        for n in chain + [n for n in region if n not in env]:
+            if n not in env:
+                env[n] = graph.node_copy(n, lambda a: env[a])
+        graph.output((env[x], env[y]))
+        self.module = GraphModule(gm, graph)
+        self.tolerance = 3e-2 if _value(y).dtype in (torch.bfloat16, torch.float16) else 1e-3
+        self.results: list[tuple] | None = None
+
+    def _inputs(self, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        params = {p: _param_value(self.gm, p) for p in self.params}
+        device = next(iter(params.values())).device
+        root_v = _value(self.root)
+        tokens = torch.randn(tuple(_hint(d) for d in root_v.shape), generator=gen).to(device, root_v.dtype)
+        ids_shape = tuple(_hint(d) for d in _value(self.ids).shape)
+        top_k = ids_shape[-1]
+        # Probe 0 leaves the last expert empty (where top-k allows), probe 1 routes uniformly.
+        pool = self.num_experts - 1 if seed == 0 and self.num_experts - 1 >= top_k else self.num_experts
+        rows = int(torch.tensor(ids_shape[:-1]).prod())
+        ids = torch.stack([torch.randperm(pool, generator=gen)[:top_k] for _ in range(rows)]).reshape(ids_shape)
+        ids = ids.to(device, _value(self.ids).dtype)
+        wv = _value(self.weights)
+        w_topk = (torch.rand(ids_shape, generator=gen) + 0.1).to(device, wv.dtype)
+        if self.dense:
+            gates = torch.zeros(rows, self.num_experts, device=device, dtype=wv.dtype)
+            weights = gates.scatter(1, ids.reshape(rows, top_k).long(), w_topk.reshape(rows, top_k)).reshape(wv.shape)
+        else:
+            weights = w_topk.reshape(tuple(_hint(d) for d in wv.shape))
+        return tokens, ids, weights, params
+
+    def matches(self, lowered: Callable) -> bool:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily(), torch.no_grad():
+            if self.results is None:
+                self.results = []
+                for seed in (0, 1):
+                    tokens, ids, weights, params = self._inputs(seed)
+                    x, y = self.module(tokens, ids.clone(), weights.clone(), *params.values())
+                    self.results.append((x, ids, weights, params, y))
+            for x, ids, weights, params, y in self.results:
+                try:
+                    got = lowered(x, ids, weights, params)
+                except (RuntimeError, ValueError, IndexError):
+                    return False
+                ref = y.float().reshape(-1)
+                err = (got.float().reshape(-1) - ref).norm() / ref.norm().clamp_min(1e-30)
+                if got.numel() != y.numel() or not torch.isfinite(err) or err > self.tolerance:
+                    return False
+        return True
+
+
+def _leaf_params(gm: GraphModule, region: list[Node]) -> list[Node]:
+    seen: list[Node] = []
+    for n in region:
+        for a in n.all_input_nodes:
+            if a not in seen and _param_value(gm, a) is not None:
+                seen.append(a)
+    return seen
