@@ -33,11 +33,9 @@ def backend(gm: GraphModule, example_inputs: list[Any], options: dict[str, Any] 
     if config.report:
         print(report)
     if config.compiler == "aot_eager":
-        from torch._dynamo.backends.common import aot_autograd
-        from torch._functorch.aot_autograd import make_boxed_compiler
-        from torch._functorch.compilers import nop
+        from torch._dynamo.backends.debugging import aot_eager
 
-        return aot_autograd(fw_compiler=make_boxed_compiler(nop))(gm, example_inputs)
+        return aot_eager(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
     if mode is not None and mode != "default":

@@ -47,6 +47,8 @@ _ACT_TARGETS: dict[Any, str] = {
     torch.tanh: "gelu_tanh",
 }
 _ACT_METHODS = {"silu": "silu", "relu": "relu", "sigmoid": "silu", "tanh": "gelu_tanh"}
+# A module index in a parameter's path: "._modules['3']." or ".3." (digits that are a whole component).
+_INDEX = re.compile(r"(?<=\[')\d+(?='\])|(?<=\.)\d+(?=\.|$)")
 _MATMULS = (F.linear, torch.matmul, operator.matmul, torch.mm, "matmul", "mm")
 _INPLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
@@ -129,20 +131,24 @@ def run(gm: GraphModule, config, report) -> None:
 
 def _routing_topks(nodes: list[Node], report) -> list[Node]:
     """The final top-k of each router: of the top-ks fed by one router projection (a group-limited
-    router has two), the one whose indices reach no other."""
+    router has several), the one whose indices reach no other."""
     by_router: dict[Node, list[Node]] = {}
+    unrouted = []
     for k in (n for n in nodes if _is_topk(n)):
         try:
             by_router.setdefault(_router_projection(k)[0], []).append(k)
         except NotMoE as why:
-            block = report.block(_module_path(k) or f"top-k {k.name}")
-            block.reason = str(why)
+            unrouted.append((k, why))
     routing = []
     for ks in by_router.values():
         routing += [k for k in ks if not any(o is not k and o in _descendants(k) for o in ks)]
+    for k, why in unrouted:
+        # A top-k over group scores (DeepSeek-V3) sits between a router projection and its final top-k.
+        after = _descendants(k)
+        if not any(r in after and proj in _ancestors_until(k, None) for proj, ks in by_router.items() for r in ks):
+            report.block(_module_path(k) or f"top-k {k.name}").reason = str(why)
     position = {n: i for i, n in enumerate(nodes)}
     return sorted(routing, key=position.__getitem__)
-
 
 
 def _is_topk(n: Node) -> bool:
@@ -158,9 +164,16 @@ def _module_path(n: Node) -> str:
 
 
 def _descendants(n: Node) -> set[Node]:
+    """Nodes that depend on ``n``, counting a read of a tensor after an in-place op on it (e.g.
+    ``mask.scatter_(1, idx, 1)`` then ``mask.bool()``) as depending on that op."""
+    position = {m: i for i, m in enumerate(n.graph.nodes)}
     seen, todo = set(), [n]
     while todo:
-        for u in todo.pop().users:
+        m = todo.pop()
+        users = list(m.users)
+        if _is_inplace(m) and m.args and isinstance(m.args[0], Node):
+            users += [u for u in m.args[0].users if position[u] > position[m]]
+        for u in users:
             if u not in seen:
                 seen.add(u)
                 todo.append(u)
@@ -177,9 +190,12 @@ def _is_float_tensor(n: Node) -> bool:
 
 
 def _hint(d) -> int:
-    """A concrete size for a possibly symbolic dimension (its trace-time value)."""
+    """A concrete size for a possibly symbolic dimension (its trace-time value); -1 for a
+    data-dependent size, which matches no shape prmc looks for."""
     if isinstance(d, torch.SymInt):
-        return d.node.hint if d.node.hint is not None else int(d.node.shape_env.size_hint(d.node.expr))
+        if d.node.hint is not None:
+            return int(d.node.hint)
+        return -1
     return int(d)
 
 
@@ -282,6 +298,12 @@ def _closure(
     return sorted(region, key=order.__getitem__), leaves
 
 
+def _index_derived(n: Node, ids: Node, order: dict[Node, int], gm: GraphModule) -> bool:
+    """``n`` is computed from the top-k indices alone (an expert mask, say), not from routing scores."""
+    closed = _closure(n, {ids}, order[ids], order, gm)
+    return closed is not None and not any(_param_value(gm, leaf) is not None for leaf in closed[1])
+
+
 def _activation_candidates(region: list[Node]) -> list[str]:
     found = []
     for n in region:
@@ -301,10 +323,10 @@ def _stacks_by_role(gm: GraphModule, params: list[Node], num_experts: int) -> li
     """Per-expert 2-D parameters grouped by role (same name but for numbers), each in expert order."""
     roles: dict[str, list[Node]] = {}
     for p in params:
-        roles.setdefault(re.sub(r"\d+", "#", _param_name(p)), []).append(p)
+        roles.setdefault(_INDEX.sub("#", _param_name(p)), []).append(p)
     if any(len(v) != num_experts for v in roles.values()):
         return None
-    key = lambda p: tuple(int(d) for d in re.findall(r"\d+", _param_name(p)))  # noqa: E731
+    key = lambda p: tuple(int(d) for d in _INDEX.findall(_param_name(p)))  # noqa: E731
     return [sorted(v, key=key) for v in roles.values()]
 
 
@@ -406,16 +428,23 @@ def _recognise_block(gm: GraphModule, topk: Node, order: dict[Node, int], window
     hidden = _shape(router_x)[-1]
     lo = min(order[n] for n in x_chain)
     after = _descendants(topk)
+    window_set = set(window)
     weight_inputs = {
         n
-        for n in after
-        if _is_float_tensor(n) and _shape(n)[-1] in (top_k, num_experts) and _numel(n) in (num_tokens * top_k, num_tokens * num_experts)
+        for n in after & window_set
+        if _is_float_tensor(n)
+        and _shape(n)[-1] in (top_k, num_experts)
+        and _numel(n) in (num_tokens * top_k, num_tokens * num_experts)
+        and not _index_derived(n, ids, order, gm)
     }
     stops = set(x_chain) | weight_inputs | {ids}
     candidates = [
         n for n in reversed(window) if n in after and n not in weight_inputs and _is_float_tensor(n) and _shape(n)[-1] == hidden and _numel(n) == num_tokens * hidden
     ]
-    why = "no value of the tokens' shape is computed from the routing in this graph"
+    why = (
+        "no value of the tokens' shape is computed from this routing by MLP experts (attention experts, "
+        "as in JetMoE's MoA, are not rewritten)"
+    )
     router_side = _ancestors_until(topk, None)
     for y in candidates:
         closed = _closure(y, stops, lo, order, gm, router_side)
@@ -424,14 +453,20 @@ def _recognise_block(gm: GraphModule, topk: Node, order: dict[Node, int], window
         region, leaves = closed
         w_leaves = leaves & weight_inputs
         x_leaves = leaves & set(x_chain)
-        if ids not in leaves or len(w_leaves) != 1 or not x_leaves:
-            why = "the expert computation does not use exactly one routing-weight tensor, the top-k indices and the tokens"
+        if len(w_leaves) != 1 or not x_leaves:
+            why = "the expert computation does not use exactly one routing-weight tensor and the tokens"
             continue
         (weights,) = w_leaves
+        dense = _shape(weights)[-1] == num_experts and num_experts != top_k
+        if dense and not _is_topk_scatter(weights, ids):
+            why = "the [T, E] gate matrix is not a scatter of top-k weights into zeros, so it may not be top-k sparse"
+            continue
+        if not dense and ids not in leaves:
+            why = "the expert computation does not use the top-k indices"
+            continue
         params = [n for n in leaves if _param_value(gm, n) is not None]
         if not params:
             continue
-        dense = _shape(weights)[-1] == num_experts and num_experts != top_k
         try:
             interpretations = _weight_interpretations(gm, sorted(params, key=order.__getitem__), num_experts, hidden)
         except NotMoE as e:
@@ -470,7 +505,26 @@ def _recognise_block(gm: GraphModule, topk: Node, order: dict[Node, int], window
             "the expert computation matches no gate/up/down reading of its parameters with a "
             f"{'/'.join(ACTIVATIONS)} activation on random probes (custom gating, biases or clamping are not supported yet)"
         )
-    raise NotMoE(why + " (a graph break inside the block splits it: see the graph breaks below)")
+    raise NotMoE(why + "; if a graph break splits the block, see the graph breaks below")
+
+
+_ZEROS = (torch.zeros, torch.zeros_like, "new_zeros", "zero_")
+
+
+def _is_topk_scatter(gate: Node, ids: Node) -> bool:
+    """``gate`` is (a view or cast of) ``zeros.scatter(-1, ids, values)``: non-zero only at the top-k."""
+    n = gate
+    while n.op == "call_method" and n.target in _VIEW_METHODS:
+        n = n.args[0]
+    if n.target not in (torch.scatter, "scatter", "scatter_"):
+        return False
+    base, dim, index = n.args[:3]
+    return (
+        isinstance(base, Node)
+        and base.target in _ZEROS
+        and dim in (1, -1)
+        and index is ids
+    )
 
 
 def _static_or_same_shape(y: Node, source: Node) -> bool:
