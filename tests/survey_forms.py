@@ -2,7 +2,7 @@
 
     python tests/survey_forms.py                 # markdown tables on stdout
     python tests/survey_forms.py --forms mixtral-eager,jetmoe --dtypes fp32
-    python tests/survey_forms.py --capture       # also with prmc.capture.install() applied
+    python tests/survey_forms.py --form2         # evidence for prmc/capture.py (form 2, experts_implementation="eager")
 
 For each form: Dynamo graph count / graph-break count and reasons of the full model under
 ``torch._dynamo.explain`` (the same as ``torch.compile(backend="eager")``), with default config and with
@@ -136,7 +136,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--forms", default="", help="comma-separated names from tests/models.py all_forms()")
     ap.add_argument("--dtypes", default="fp32,bf16")
-    ap.add_argument("--capture", action="store_true", help="apply prmc.capture.install() first")
+    ap.add_argument("--form2", action="store_true", help="only the prmc.capture evidence for the eager experts forms")
     ap.add_argument("--no-ops", action="store_true")
     ap.add_argument("--reasons", action="store_true", help="print every break reason")
     args = ap.parse_args(argv)
@@ -144,18 +144,15 @@ def main(argv=None):
     import transformers
 
     transformers.logging.set_verbosity_error()
-    if args.capture:
-        import prmc.capture
-
-        prmc.capture.install()
+    if args.form2:
+        return form2_evidence([d for d in args.dtypes.split(",") if d], [s for s in args.forms.split(",") if s])
 
     wanted = [s for s in args.forms.split(",") if s]
     forms = [(n, b) for n, b in M.all_forms() if not wanted or n in wanted]
     blocks = dict(M.all_block_forms())
     dtypes = [d for d in args.dtypes.split(",") if d]
 
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}"
-          + (", prmc.capture installed" if args.capture else ""))
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}")
     print()
     print("| form | dtype | graphs (breaks), default | graphs (breaks), capture flags | block graphs default / flags |"
           " block ops (flags) |")
@@ -189,6 +186,63 @@ def main(argv=None):
             continue
         c = collections.Counter(rs)
         print(f"- {name} {dn} {mode}: " + "; ".join(f"{n}× {r}" for r, n in c.items()))
+
+
+def _stand_in_prmc_backend():
+    """A recording backend that prmc.capture.is_prmc_backend() recognises (the real prmc backend may not exist
+    yet): module "prmc.survey" and ``_prmc_backend = True``; it runs the Dynamo graphs as they are."""
+    rec = Recorder()
+
+    def backend(gm, example_inputs, **options):
+        return rec(gm, example_inputs)
+
+    backend.__module__ = "prmc.survey"
+    backend._prmc_backend = True
+    return backend, rec
+
+
+def _run(model, ids, backend):
+    torch._dynamo.reset()
+    fn = torch.compile(model, backend=backend) if backend is not None else model
+    y = M.logits_of(fn, ids)
+    y.float().square().mean().backward()
+    return y.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()}
+
+
+def form2_evidence(dtypes, wanted):
+    """For each family with experts_implementation="eager": Dynamo graphs under a prmc(-marked) backend without and
+    with prmc.capture.install(), output/grad error of that compile vs uncompiled eager, eager bit-identity with
+    the substitute installed, and graph counts under torch._dynamo.explain (a non-prmc backend) with it installed."""
+    import prmc.capture as C
+
+    fams = [f for f in M.FORM2_FAMILIES if not wanted or f in wanted or f"{f}-eager" in wanted]
+    print("| model (experts_implementation=eager) | dtype | prmc graphs before | prmc graphs after | grouped-mm op in graph"
+          " | max abs err out | max abs err grads | eager bit-identical with install | explain graphs with install |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for fam in fams:
+        for dn in dtypes:
+            dt = DTYPES[dn]
+            build = lambda: M.build(fam, seed=0, dtype=dt, experts_implementation="eager")  # noqa: E731
+            ids = M.make_inputs(build(), seed=0)
+            C.uninstall()
+            y_ref, g_ref = _run(build(), ids, None)
+            be, rec = _stand_in_prmc_backend()
+            _run(build(), ids, be)
+            before = len(rec.graphs)
+            C.install()
+            y_e2, g_e2 = _run(build(), ids, None)
+            same = torch.equal(y_ref, y_e2) and all(torch.equal(g_ref[k], g_e2[k]) for k in g_ref)
+            be, rec = _stand_in_prmc_backend()
+            y_c, g_c = _run(build(), ids, be)
+            after = len(rec.graphs)
+            ops = sorted({target_name(n) for g in rec.graphs for n in g.graph.nodes
+                          if n.op == "call_function" and "grouped_mm" in target_name(n)})
+            gerr = max((g_c[k] - g_ref[k]).abs().max().item() for k in g_ref)
+            torch._dynamo.reset()
+            ex = torch._dynamo.explain(build())(ids)
+            C.uninstall()
+            print(f"| {fam} | {dn} | {before} | {after} | {', '.join(ops)} | {(y_c - y_ref).abs().max().item():.1e} "
+                  f"| {gerr:.1e} | {same} | {ex.graph_count} |", flush=True)
 
 
 if __name__ == "__main__":
