@@ -25,7 +25,16 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from prmc.distributed import ep
 
-__all__ = ["shard_experts", "EPInfo", "find_expert_modules", "set_overlap_chunks", "ShardingError"]
+__all__ = [
+    "shard_experts",
+    "EPInfo",
+    "find_expert_modules",
+    "set_overlap_chunks",
+    "current_overlap_chunks",
+    "check_structure",
+    "check_group",
+    "ShardingError",
+]
 
 _ACTIVATIONS = {
     "silu": "silu",
@@ -93,6 +102,45 @@ def _looks_like_expert_list(mod: nn.Module) -> bool:
     return isinstance(mod, nn.ModuleList) and len(mod) > 1 and all(type(m) is type(mod[0]) for m in mod)
 
 
+def _options_of(fn) -> dict | None:
+    """The ``options`` dict of a ``torch.compile`` wrapper around ``fn`` (``_TorchCompileWrapper.kwargs``)."""
+    seen, stack = set(), [fn]
+    while stack and len(seen) < 32:
+        f = stack.pop()
+        if f is None or id(f) in seen:
+            continue
+        seen.add(id(f))
+        kw = getattr(f, "kwargs", None)
+        if isinstance(kw, dict) and isinstance(kw.get("options"), dict):
+            return kw["options"]
+        for attr in ("compiler_fn", "_torchdynamo_orig_backend", "func", "__wrapped__"):
+            inner = getattr(f, attr, None)
+            if inner is not None and callable(inner):
+                stack.append(inner)
+    return None
+
+
+@torch._dynamo.assume_constant_result
+def _compile_overlap_chunks() -> int:
+    """At trace time (a Dynamo constant): ``options["overlap"]["chunks"]`` of the compile tracing us, or 0."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        opts = _options_of(InstructionTranslator.current_tx().output.compiler_fn)
+        chunks = (opts or {}).get("overlap", {}).get("chunks", 0)
+        return int(chunks) if isinstance(chunks, int) and chunks > 0 else 0
+    except Exception:
+        return 0
+
+
+def current_overlap_chunks(default: int) -> int:
+    """Token chunks for the block being run or traced: the compile's ``overlap`` option, else ``default``."""
+    if torch.compiler.is_compiling():
+        c = _compile_overlap_chunks()
+        return c if c > 0 else default
+    return default
+
+
 def _ep_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
     """Replacement ``forward`` of a sharded experts module: [T, H], [T, K], [T, K] -> [T, H]."""
     info: EPInfo = self._prmc_ep
@@ -114,7 +162,7 @@ def _ep_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, to
         num_experts=info.num_experts,
         activation=info.activation,
         gated=info.gated,
-        chunks=info.chunks,
+        chunks=current_overlap_chunks(info.chunks),
     )
     return out.reshape(shape)
 
@@ -169,6 +217,9 @@ def shard_experts(model: nn.Module, ep_mesh, *, overlap_chunks: int = 1) -> list
         transposed = bool(getattr(mod, "is_transposed", False))
         plans.append((path, mod, gated, act, transposed, e))
 
+    _ensure_check_group()
+    # every rank must shard the same blocks the same way (checked before anything is changed)
+    check_structure([(p[0], p[5], world, p[3], p[2], p[4]) for p in plans], group)
     infos = []
     torch._dynamo.config.capture_scalar_outputs = True
     for path, mod, gated, act, transposed, e in plans:
@@ -191,7 +242,6 @@ def shard_experts(model: nn.Module, ep_mesh, *, overlap_chunks: int = 1) -> list
         mod._prmc_ep = info
         mod.forward = types.MethodType(_ep_forward, mod)
         infos.append(info)
-    check_structure(infos, group)
     return infos
 
 
@@ -202,6 +252,24 @@ def set_overlap_chunks(model: nn.Module, chunks: int) -> None:
     for _, m in model.named_modules():
         if hasattr(m, "_prmc_ep"):
             m._prmc_ep.chunks = int(chunks)
+
+
+_CHECK_GROUP = None  # world-wide gloo group with a short timeout, for the structure checks
+
+
+def check_group():
+    """The process group the structure checks all-gather over (made by ``shard_experts``; else WORLD)."""
+    return _CHECK_GROUP if _CHECK_GROUP is not None else dist.group.WORLD
+
+
+def _ensure_check_group() -> None:
+    global _CHECK_GROUP
+    if _CHECK_GROUP is None and dist.is_initialized():
+        import datetime
+        import os
+
+        timeout = datetime.timedelta(seconds=float(os.environ.get("PRMC_EP_CHECK_TIMEOUT", "300")))
+        _CHECK_GROUP = dist.new_group(backend="gloo", timeout=timeout)
 
 
 def structure_hash(items) -> str:
@@ -219,7 +287,13 @@ def check_structure(infos_or_items, group, what: str = "expert-parallel block st
         return
     world = dist.get_world_size(group)
     gathered: list = [None] * world
-    dist.all_gather_object(gathered, (h, items), group=group)
+    try:
+        dist.all_gather_object(gathered, (h, items), group=group)
+    except Exception as exc:  # a rank that never arrives: it compiled or built something else
+        raise RuntimeError(
+            f"prmc expert parallel: the {what} check timed out or failed ({exc}); some rank did not reach it, "
+            "which means the ranks run different models or compile different graphs"
+        ) from exc
     bad = [i for i, (hh, _) in enumerate(gathered) if hh != h]
     if bad:
         ranks = dist.get_process_group_ranks(group)
