@@ -15,14 +15,13 @@ from torch.fx import GraphModule
 from prmc import capture
 from prmc.config import PrmcConfig
 from prmc.passes import PASSES
-from prmc.report import log, new_report
+from prmc.report import Report, log, new_report
 
 capture.install()
 
 
-def backend(gm: GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None, mode: str | None = None):
-    """``torch.compile(model, backend="prmc", options={...})``; also usable as ``backend=prmc.backend``."""
-    config = PrmcConfig.from_options(options)
+def run_passes(gm: GraphModule, config: PrmcConfig) -> Report:
+    """Run the configured passes on a Dynamo graph, in place; returns (and keeps) the graph's report."""
     report = new_report(config.passes)
     for name in config.passes:
         PASSES[name].run(gm, config, report)
@@ -32,6 +31,13 @@ def backend(gm: GraphModule, example_inputs: list[Any], options: dict[str, Any] 
     log.info("%s", report)
     if config.report:
         print(report)
+    return report
+
+
+def backend(gm: GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None, mode: str | None = None):
+    """``torch.compile(model, backend="prmc", options={...})``; also usable as ``backend=prmc.backend``."""
+    config = PrmcConfig.from_options(options)
+    run_passes(gm, config)
     if config.compiler == "aot_eager":
         from torch._dynamo.backends.debugging import aot_eager
 
