@@ -64,6 +64,23 @@ def mma(a, b, acc, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
+def load_tile(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load a 2-D tile, masking only the dimensions that can run out (masks cost vector width and
+    instructions in the main loop). Masks, never clamped indices, on the contiguous dimension: a
+    ``tl.where`` there hides the contiguity from Triton's analysis and turns 16-byte loads into 2-byte
+    ones (measured 10x slower, see benchmarks/KERNELS_NOTES.md)."""
+    if CHECK_ROWS and CHECK_COLS:
+        tile = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    elif CHECK_ROWS:
+        tile = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    elif CHECK_COLS:
+        tile = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
 def swizzle(tile, num_m, num_n, GROUP: tl.constexpr):
     """Tile index -> (m, n) visiting GROUP rows of tiles column by column, so that the programs running
     at one time share a few A row-blocks and a few B column-blocks in L2 instead of sweeping all of B."""

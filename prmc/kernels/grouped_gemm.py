@@ -49,7 +49,7 @@ from prmc.kernels._triton_common import (
     activation,
     fp32_dot,
     gemm_configs,
-    group_start,
+    load_tile,
     mma,
     num_programs,
     swizzle,
@@ -58,7 +58,7 @@ from prmc.kernels._triton_common import (
 
 def _prune(configs, named_args, **kwargs):
     """Two accumulators (gated) do not fit a 128x256 tile in registers."""
-    if named_args["GATED"]:
+    if kwargs.get("GATED", named_args.get("GATED")):  # a keyword argument of the launch
         return [c for c in configs if c.kwargs["BLOCK_N"] <= 128] or configs
     return configs
 
@@ -69,7 +69,9 @@ def _prune(configs, named_args, **kwargs):
     prune_configs_by={"early_config_prune": _prune},
     reset_to_zero=["c_ptr", "rowdot_ptr"],
 )
-@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.heuristics(
+    {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0, "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0}
+)
 @triton.jit
 def grouped_gemm_kernel(
     a_ptr, a_rows_ptr, offsets_ptr, b_ptr, c_ptr, c_rows_ptr, h_ptr, scale_ptr, rowdot_ptr,
@@ -78,7 +80,7 @@ def grouped_gemm_kernel(
     EPILOGUE: tl.constexpr, GATHER_A: tl.constexpr, HAS_SCALE: tl.constexpr,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
 ):  # fmt: skip
     # "scatter" leaves unrouted rows alone; the per-row epilogues zero them as an extra group E.
     WRITES_TAIL: tl.constexpr = EPILOGUE != "scatter"
@@ -102,33 +104,24 @@ def grouped_gemm_kernel(
             out_mask = m_mask[:, None] & n_mask[None, :]
             offs_m64 = offs_m.to(tl.int64)
             if e < E:
-                # Out-of-tile rows and columns read row 0 / column 0 instead of being masked: always
-                # valid memory, and their results are never stored. Only K needs a mask (a reduction).
+                # Out-of-tile rows read row 0 instead of being masked (always valid memory, results
+                # never stored); columns and K are masked only where they can run out (load_tile).
                 if GATHER_A:
                     a_row = tl.load(a_rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
                 else:
                     a_row = tl.where(m_mask, offs_m64, 0)
-                b_col = tl.where(n_mask, offs_n, 0).to(tl.int64)
-                a_ptrs = a_ptr + a_row[:, None] * stride_am + tl.arange(0, BLOCK_K)[None, :] * stride_ak
-                b_ptrs = (
-                    b_group_ptr + tl.arange(0, BLOCK_K)[:, None] * stride_bk + b_col[None, :] * stride_bn
-                )  # fmt: skip
+                offs_k = tl.arange(0, BLOCK_K)
+                a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
+                b_ptrs = b_group_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 for k in range(0, tl.cdiv(K, BLOCK_K)):
-                    if EVEN_K:
-                        a = tl.load(a_ptrs)
-                        b = tl.load(b_ptrs)
-                    else:
-                        k_left = K - k * BLOCK_K
-                        a = tl.load(a_ptrs, mask=tl.arange(0, BLOCK_K)[None, :] < k_left, other=0.0)
-                        b = tl.load(b_ptrs, mask=tl.arange(0, BLOCK_K)[:, None] < k_left, other=0.0)
+                    k_ok = offs_k < K - k * BLOCK_K
+                    a = load_tile(a_ptrs, m_mask, k_ok, False, not EVEN_K)
+                    b = load_tile(b_ptrs, k_ok, n_mask, not EVEN_K, not EVEN_N)
                     acc = mma(a, b, acc, FP32_DOT)
                     if GATED:  # the up half: columns N..2N of the same weight
-                        if EVEN_K:
-                            b_up = tl.load(b_ptrs + N * stride_bn)
-                        else:
-                            b_up = tl.load(b_ptrs + N * stride_bn, mask=tl.arange(0, BLOCK_K)[:, None] < k_left, other=0.0)
+                        b_up = load_tile(b_ptrs + N * stride_bn, k_ok, n_mask, not EVEN_K, not EVEN_N)
                         acc_up = mma(a, b_up, acc_up, FP32_DOT)
                     a_ptrs += BLOCK_K * stride_ak
                     b_ptrs += BLOCK_K * stride_bk
@@ -188,8 +181,9 @@ def grouped_gemm(
     rowdot: torch.Tensor | None = None,
     activation: str = "silu",
     gated: bool = False,
-) -> None:
+):
     """Launch the kernel over the groups of ``offsets``; writes ``c`` (and ``h``/``rowdot``) in place.
+    Returns the launched kernel (its ``asm``, ``n_regs``, ``n_spills`` for inspection), None if empty.
 
     ``b`` is [E, K, N'] as strides (any view; N' = 2n when gated, the up half after the gate half);
     ``m`` routed rows are ``offsets``' rows (``a_rows.shape[0]`` when gathering, else ``a.shape[0]``).
@@ -198,12 +192,12 @@ def grouped_gemm(
     m = a_rows.shape[0] if a_rows is not None else a.shape[0]
     k = b.shape[1]
     if m == 0 or n == 0:
-        return
+        return None
     programs = num_programs(a.device)
     dummy = offsets  # stands in for unused pointer arguments (never dereferenced)
     if rowdot is None:  # its own stand-in: the autotuner zeroes whatever tensor is passed here
         rowdot = torch.empty(1, device=a.device, dtype=torch.float32)
-    grouped_gemm_kernel[(programs,)](
+    return grouped_gemm_kernel[(programs,)](
         a, a_rows if a_rows is not None else dummy, offsets, b, c,
         c_rows if c_rows is not None else dummy, h if h is not None else c,
         scale if scale is not None else dummy, rowdot,

@@ -27,10 +27,13 @@ import torch
 import triton
 import triton.language as tl
 
-from prmc.kernels._triton_common import fp32_dot, gemm_configs, group_start, mma, swizzle
+from prmc.kernels._triton_common import fp32_dot, gemm_configs, group_start, load_tile, mma, swizzle
 
 
 @triton.autotune(configs=gemm_configs("BLOCK_P", "BLOCK_Q"), key=["P", "Q", "GATHER_L", "GATHER_R", "HAS_SCALE"])
+@triton.heuristics(
+    {"EVEN_P": lambda args: args["P"] % args["BLOCK_P"] == 0, "EVEN_Q": lambda args: args["Q"] % args["BLOCK_Q"] == 0}
+)
 @triton.jit
 def weight_grad_kernel(
     l_ptr, l_rows_ptr, r_ptr, r_rows_ptr, scale_ptr, offsets_ptr, out_ptr,
@@ -38,6 +41,7 @@ def weight_grad_kernel(
     stride_lm, stride_lp, stride_rm, stride_rq, stride_oe, stride_op, stride_oq,
     GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, HAS_SCALE: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    EVEN_P: tl.constexpr, EVEN_Q: tl.constexpr,
 ):  # fmt: skip
     num_p = tl.cdiv(P, BLOCK_P)
     num_q = tl.cdiv(Q, BLOCK_Q)
@@ -49,9 +53,8 @@ def weight_grad_kernel(
 
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    # Out-of-range columns read column 0 (valid memory) and are never stored.
-    l_col = tl.where(offs_p < P, offs_p, 0)
-    r_col = tl.where(offs_q < Q, offs_q, 0)
+    p_ok = offs_p < P
+    q_ok = offs_q < Q
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     for k in range(row_begin, row_end, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
@@ -64,15 +67,15 @@ def weight_grad_kernel(
             r_row = tl.load(r_rows_ptr + offs_k, mask=k_mask, other=0).to(tl.int64)
         else:
             r_row = offs_k.to(tl.int64)
-        l_tile = tl.load(l_ptr + l_row[:, None] * stride_lm + l_col[None, :] * stride_lp, mask=k_mask[:, None], other=0.0)
-        r_tile = tl.load(r_ptr + r_row[:, None] * stride_rm + r_col[None, :] * stride_rq, mask=k_mask[:, None], other=0.0)
+        l_tile = load_tile(l_ptr + l_row[:, None] * stride_lm + offs_p[None, :] * stride_lp, k_mask, p_ok, True, not EVEN_P)
+        r_tile = load_tile(r_ptr + r_row[:, None] * stride_rm + offs_q[None, :] * stride_rq, k_mask, q_ok, True, not EVEN_Q)
         if HAS_SCALE:
             row_scale = tl.load(scale_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
             l_tile = (l_tile.to(tl.float32) * row_scale[:, None]).to(l_ptr.dtype.element_ty)
         acc = mma(tl.trans(l_tile), r_tile, acc, FP32_DOT)
 
     out_ptrs = out_ptr + e.to(tl.int64) * stride_oe + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_p < P)[:, None] & (offs_q < Q)[None, :])
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
 
 
 def weight_grad(
@@ -84,8 +87,9 @@ def weight_grad(
     left_rows: torch.Tensor | None = None,
     right_rows: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
-) -> None:
+):
     """Write ``out[e] = (scale * left[left_rows])[g_e].T @ right[right_rows][g_e]`` for every group g_e.
+    Returns the launched kernel (its ``asm``, ``n_regs``, ``n_spills`` for inspection).
 
     ``out`` is [E, P, Q] (any strides); P = left's columns, Q = right's columns.
     """
@@ -94,7 +98,7 @@ def weight_grad(
     def grid(meta):
         return (experts * triton.cdiv(p, meta["BLOCK_P"]) * triton.cdiv(q, meta["BLOCK_Q"]),)
 
-    weight_grad_kernel[grid](
+    return weight_grad_kernel[grid](
         left, left_rows if left_rows is not None else offsets, right,
         right_rows if right_rows is not None else offsets, scale if scale is not None else offsets, offsets, out,
         p, q,
