@@ -21,18 +21,25 @@ from torch.distributed.tensor import DTensor
 __all__ = ["sync_gradients"]
 
 
-def sync_gradients(model: nn.Module, ep_mesh, dp_mesh=None, *, expert_only: bool = False) -> None:
-    """All-reduce gradients after ``backward`` for EP (``ep_mesh``) x DP (``dp_mesh``, optional)."""
+def sync_gradients(model: nn.Module, ep_mesh, dp_mesh=None, *, dense_group=None, expert_only: bool = False) -> None:
+    """All-reduce gradients after ``backward`` for EP (``ep_mesh``) x DP (``dp_mesh``, optional).
+
+    ``dense_group``: the group spanning every EP x DP rank (default: the EP group without ``dp_mesh``, the
+    world with it; pass it when the EP x DP mesh is a part of the world).
+    """
     ep_size = ep_mesh.size()
     dp_size = dp_mesh.size() if dp_mesh is not None else 1
     total = ep_size * dp_size
-    dense_group = None
-    if not expert_only:
+    if not expert_only and dense_group is None:
         if dp_mesh is None:
             dense_group = ep_mesh.get_group()
+        elif total == dist.get_world_size():
+            dense_group = dist.group.WORLD
         else:
-            ranks = sorted(set(dist.get_process_group_ranks(ep_mesh.get_group())) | set(dist.get_process_group_ranks(dp_mesh.get_group())))
-            dense_group = None if len(ranks) == dist.get_world_size() else dist.new_group(ranks)
+            raise ValueError(
+                f"sync_gradients: the dp x ep mesh ({dp_size} x {ep_size}) is not the whole world "
+                f"({dist.get_world_size()} ranks); pass dense_group= (e.g. mesh['dp', 'ep']._flatten().get_group())"
+            )
     dense, expert = [], []
     for p in model.parameters():
         if p.grad is None:
