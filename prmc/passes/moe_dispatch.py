@@ -108,7 +108,24 @@ def _output_shape(graph, spec: MoESpec):
 
 
 def _erase_unused(graph, region: list[Node]) -> None:
+    """Erase the old expert computation where nothing else uses it, with the runtime size checks
+    Dynamo attached to its data-dependent sizes (``torch.where`` per expert, ``.tolist()``)."""
+    region = set(region)
+    dead, todo = set(region), list(region)
+    while todo:
+        for user in todo.pop().users:
+            if user not in dead and (_is_size_bookkeeping(user) or user.target is operator.getitem):
+                dead.add(user)
+                todo.append(user)
     position = {n: i for i, n in enumerate(graph.nodes)}
-    for n in sorted(set(region), key=position.__getitem__, reverse=True):
+    for n in sorted(dead, key=position.__getitem__, reverse=True):
         if not n.users:
             graph.erase_node(n)
+
+
+_SIZE_CHECKS = {torch.ops.aten._assert_scalar.default, torch.ops.aten.sym_size.int, torch._check, torch._check_is_size}
+
+
+def _is_size_bookkeeping(n: Node) -> bool:
+    value = n.meta.get("example_value", n.meta.get("val"))
+    return n.target in _SIZE_CHECKS or isinstance(value, (torch.SymInt, torch.SymBool))

@@ -184,6 +184,11 @@ def _value(n: Node) -> Any:
     return n.meta.get("example_value")
 
 
+def _is_size(n: Node) -> bool:
+    """A symbolic size (dynamic shapes): the probe feeds its trace-time value."""
+    return isinstance(_value(n), torch.SymInt)
+
+
 def _is_float_tensor(n: Node) -> bool:
     v = _value(n)
     return isinstance(v, torch.Tensor) and v.is_floating_point()
@@ -287,7 +292,7 @@ def _closure(
         n = todo.pop()
         if n in region or n in leaves:
             continue
-        if n in stops or _param_value(gm, n) is not None:
+        if n in stops or _param_value(gm, n) is not None or _is_size(n):
             leaves.add(n)
             continue
         if n.op in ("placeholder", "get_attr", "output") or order[n] < lo or n in forbidden:
@@ -441,10 +446,8 @@ def _recognise_block(gm: GraphModule, topk: Node, order: dict[Node, int], window
     candidates = [
         n for n in reversed(window) if n in after and n not in weight_inputs and _is_float_tensor(n) and _shape(n)[-1] == hidden and _numel(n) == num_tokens * hidden
     ]
-    why = (
-        "no value of the tokens' shape is computed from this routing by MLP experts (attention experts, "
-        "as in JetMoE's MoA, are not rewritten)"
-    )
+    # Why each closed candidate failed, latest (most likely the block's real output) first.
+    reasons = []
     router_side = _ancestors_until(topk, None)
     for y in candidates:
         closed = _closure(y, stops, lo, order, gm, router_side)
@@ -454,15 +457,15 @@ def _recognise_block(gm: GraphModule, topk: Node, order: dict[Node, int], window
         w_leaves = leaves & weight_inputs
         x_leaves = leaves & set(x_chain)
         if len(w_leaves) != 1 or not x_leaves:
-            why = "the expert computation does not use exactly one routing-weight tensor and the tokens"
+            reasons.append("the expert computation does not use exactly one routing-weight tensor and the tokens")
             continue
         (weights,) = w_leaves
         dense = _shape(weights)[-1] == num_experts and num_experts != top_k
         if dense and not _is_topk_scatter(weights, ids):
-            why = "the [T, E] gate matrix is not a scatter of top-k weights into zeros, so it may not be top-k sparse"
+            reasons.append("the [T, E] gate matrix is not a scatter of top-k weights into zeros, so it may not be top-k sparse")
             continue
         if not dense and ids not in leaves:
-            why = "the expert computation does not use the top-k indices"
+            reasons.append("the expert computation does not use the top-k indices")
             continue
         params = [n for n in leaves if _param_value(gm, n) is not None]
         if not params:
@@ -470,11 +473,11 @@ def _recognise_block(gm: GraphModule, topk: Node, order: dict[Node, int], window
         try:
             interpretations = _weight_interpretations(gm, sorted(params, key=order.__getitem__), num_experts, hidden)
         except NotMoE as e:
-            why = str(e)
+            reasons.append(str(e))
             continue
         x = max(x_leaves, key=order.__getitem__)
         if not _static_or_same_shape(y, x_chain[-1]):
-            why = "the block's output has a dynamic shape other than its input's"
+            reasons.append("the block's output has a dynamic shape other than its input's")
             continue
         probe = _Probe(gm, region, x_chain, x, ids, weights, dense, y, num_experts)
         for (gate_up, down, gated, inter), act in itertools.product(interpretations, _activation_candidates(region)):
@@ -501,11 +504,16 @@ def _recognise_block(gm: GraphModule, topk: Node, order: dict[Node, int], window
                     shared_expert=_shared_expert(gm, y, set(x_chain), lo, order),
                     region=tuple(region),
                 )
-        why = (
+        reasons.append(
             "the expert computation matches no gate/up/down reading of its parameters with a "
             f"{'/'.join(ACTIVATIONS)} activation on random probes (custom gating, biases or clamping are not supported yet)"
         )
-    raise NotMoE(why + "; if a graph break splits the block, see the graph breaks below")
+    if not reasons:
+        reasons.append(
+            "no value of the tokens' shape is computed from this routing by MLP experts (attention experts, "
+            "as in JetMoE's MoA, are not rewritten)"
+        )
+    raise NotMoE(reasons[0] + "; if a graph break splits the block, see the graph breaks below")
 
 
 _ZEROS = (torch.zeros, torch.zeros_like, "new_zeros", "zero_")
@@ -605,6 +613,9 @@ class _Probe:
         self.params = [n for n in _leaf_params(gm, region)]
         for p in self.params:
             env[p] = graph.placeholder(p.name)
+        self.sizes = sorted({a for n in region for a in n.all_input_nodes if _is_size(a)}, key=lambda n: n.name)
+        for s in self.sizes:
+            env[s] = graph.placeholder(s.name)
         chain = list(reversed(x_chain[:-1]))
         for n in chain + [n for n in region if n not in env]:
             if n not in env:
@@ -644,7 +655,8 @@ class _Probe:
                 self.results = []
                 for seed in (0, 1):
                     tokens, ids, weights, params = self._inputs(seed)
-                    x, y = self.module(tokens, ids.clone(), weights.clone(), *params.values())
+                    sizes = [_hint(_value(s)) for s in self.sizes]
+                    x, y = self.module(tokens, ids.clone(), weights.clone(), *params.values(), *sizes)
                     self.results.append((x, ids, weights, params, y))
             for x, ids, weights, params, y in self.results:
                 try:
