@@ -1,0 +1,289 @@
+"""One MoE layer's experts on the GPU: prmc ops vs transformers' experts vs a balanced cuBLAS ceiling.
+
+    PYTHONPATH=. python benchmarks/moe_layer.py [--tokens 8192] [--configs qwen3,olmoe] [--out DIR]
+    python benchmarks/moe_layer.py --plot benchmarks/results/moe_layer.json     # table + PNG from saved numbers
+
+Each method gets the same bf16 tokens, the same top-k expert ids and routing weights (the router is not
+timed: it is the model's own code either way) and the same expert weights [E, 2I, H] / [E, H, I]:
+
+- prmc:                 torch.ops.prmc.sort_by_expert -> expert_gate_up -> expert_down (Triton kernels)
+- tf grouped_mm+Inductor: transformers 5.17 ``Qwen3MoeExperts`` (``_experts_implementation="grouped_mm"``)
+                        under ``torch.compile``
+- tf eager loop:        the same module with ``"eager"`` (a Python loop over experts)
+- cuBLAS bmm ceiling:   ``torch.bmm`` on a perfectly balanced batch of the same FLOPs (T*K/E rows each),
+                        with the gated product between the two GEMMs; no routing, gather or combine.
+
+Times are ``triton.testing.do_bench`` medians. fwd+bwd runs backward to x and both weights (and the
+routing weights where the method has them as an input), with ``.grad`` set to None before each step, as
+``optimizer.zero_grad()`` does. TFLOP/s counts the expert GEMMs only: 6*T*K*H*I forward, 3x that for
+fwd+bwd. Peak memory is the most allocated during one step beyond what was allocated before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+CONFIGS = {  # name: (hidden, intermediate, experts, top_k, hot experts)
+    "deepseek-v2-lite": (2048, 1408, 64, 6, 0),
+    "olmoe": (2048, 1024, 64, 8, 0),
+    "qwen3-30b-a3b": (2048, 768, 128, 8, 0),
+    "qwen3-30b-a3b skewed": (2048, 768, 128, 8, 8),
+    "mixtral-8x7b": (4096, 14336, 8, 2, 0),
+}
+METHODS = ["prmc", "tf grouped_mm+Inductor", "tf eager loop", "cuBLAS bmm ceiling"]
+
+
+def make_routing(tokens, experts, top_k, hot, device):
+    """Top-k of random logits; with ``hot``, that many experts get a +3 logit bias (about 3/4 of the
+    choices then go to them)."""
+    logits = torch.randn(tokens, experts, device=device)
+    if hot:
+        logits[:, :hot] += 3.0
+    weights, ids = torch.softmax(logits, -1).topk(top_k, dim=-1)
+    return ids, (weights / weights.sum(-1, keepdim=True)).to(torch.bfloat16)
+
+
+def prmc_experts(x, ids, weights, w_gate_up, w_down):
+    order, _, offsets = torch.ops.prmc.sort_by_expert(ids, w_gate_up.shape[0])
+    rows = order // ids.shape[1]
+    h, _ = torch.ops.prmc.expert_gate_up(x, rows, offsets, w_gate_up, "silu", True)
+    return torch.ops.prmc.expert_down(h, offsets, w_down, rows, weights.reshape(-1)[order], x.shape[0])
+
+
+def transformers_experts(hidden, inter, experts, top_k, implementation):
+    from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    config = Qwen3MoeConfig(
+        hidden_size=hidden, moe_intermediate_size=inter, num_experts=experts, num_experts_per_tok=top_k, hidden_act="silu"
+    )  # fmt: skip
+    config._experts_implementation = implementation
+    return Qwen3MoeExperts(config)
+
+
+def balanced_bmm(x_balanced, w_gate_up, w_down):
+    gate, up = torch.bmm(x_balanced, w_gate_up.transpose(1, 2)).chunk(2, dim=-1)
+    return torch.bmm(torch.nn.functional.silu(gate) * up, w_down.transpose(1, 2))
+
+
+def measure(fn, params, grad_out, backward: bool, quick: bool):
+    """(median ms, peak extra GB) of fn() or fn().backward(grad_out)."""
+    import triton
+
+    def step():
+        for p in params:
+            p.grad = None
+        out = fn()
+        if backward:
+            out.backward(grad_out)
+
+    step()  # compile / autotune outside the timing and the memory peak
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak_gb = (torch.cuda.max_memory_allocated() - base) / 1e9
+    ms = triton.testing.do_bench(step, warmup=5 if quick else 25, rep=20 if quick else 100, return_mode="median")
+    return ms, peak_gb
+
+
+def bench_config(name, tokens, device):
+    hidden, inter, experts, top_k, hot = CONFIGS[name]
+    gemm_flops = 6 * tokens * top_k * hidden * inter
+    torch.manual_seed(0)
+    tf_grouped = transformers_experts(hidden, inter, experts, top_k, "grouped_mm").to(device, torch.bfloat16)
+    tf_eager = transformers_experts(hidden, inter, experts, top_k, "eager").to(device, torch.bfloat16)
+    with torch.no_grad():
+        tf_grouped.gate_up_proj.normal_(0, hidden**-0.5)
+        tf_grouped.down_proj.normal_(0, inter**-0.5)
+    tf_eager.gate_up_proj, tf_eager.down_proj = tf_grouped.gate_up_proj, tf_grouped.down_proj
+    w_gate_up, w_down = tf_grouped.gate_up_proj, tf_grouped.down_proj
+    x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+    ids, weights = make_routing(tokens, experts, top_k, hot, device)
+    weights.requires_grad_()
+    grad_out = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
+    rows_per_expert = tokens * top_k // experts
+    x_balanced = torch.randn(experts, rows_per_expert, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+    grad_balanced = torch.randn(experts, rows_per_expert, hidden, device=device, dtype=torch.bfloat16)
+    compiled = torch.compile(tf_grouped)
+
+    runs = {
+        "prmc": (lambda: prmc_experts(x, ids, weights, w_gate_up, w_down), [x, weights, w_gate_up, w_down], grad_out),
+        "tf grouped_mm+Inductor": (lambda: compiled(x, ids, weights), [x, weights, w_gate_up, w_down], grad_out),
+        "tf eager loop": (lambda: tf_eager(x, ids, weights), [x, weights, w_gate_up, w_down], grad_out),
+        "cuBLAS bmm ceiling": (lambda: balanced_bmm(x_balanced, w_gate_up, w_down), [x_balanced, w_gate_up, w_down], grad_balanced),
+    }  # fmt: skip
+    results = {}
+    for method, (fn, params, g) in runs.items():
+        for mode, backward in [("fwd", False), ("fwd+bwd", True)]:
+            start = time.perf_counter()
+            try:
+                ms, peak = measure(fn, params, g, backward, quick=method == "tf eager loop")
+            except Exception as err:  # a failing baseline is reported, not fatal
+                print(f"  {name} {method} {mode}: {type(err).__name__}: {err}", file=sys.stderr)
+                continue
+            flops = gemm_flops * (3 if backward else 1)
+            results[f"{method}|{mode}"] = {"ms": ms, "tflops": flops / ms / 1e9, "peak_gb": peak}
+            print(f"  {name:22s} {method:24s} {mode:8s} {ms:8.3f} ms {flops / ms / 1e9:6.0f} TFLOP/s "
+                  f"{peak:6.2f} GB  ({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+    return results
+
+
+def breakdown(name, tokens, device) -> None:
+    """Time each kernel launch of the prmc layer (fwd and bwd) on its own: where the time goes."""
+    import triton
+
+    from prmc.kernels import triton_moe
+    from prmc.kernels.activation_backward import activation_backward
+    from prmc.kernels.grouped_gemm import grouped_gemm
+    from prmc.kernels.weight_grad import weight_grad
+
+    hidden, inter, experts, top_k, hot = CONFIGS[name]
+    torch.manual_seed(0)
+    bf16 = dict(device=device, dtype=torch.bfloat16)
+    x = torch.randn(tokens, hidden, **bf16)
+    w_gate_up = torch.randn(experts, 2 * inter, hidden, **bf16) * hidden**-0.5
+    w_down = torch.randn(experts, hidden, inter, **bf16) * inter**-0.5
+    ids, weights = make_routing(tokens, experts, top_k, hot, device)
+    order, _, offsets = torch.ops.prmc.sort_by_expert(ids, experts)
+    rows, scale = order // top_k, weights.reshape(-1)[order]
+    m = rows.shape[0]
+    h, preact = triton_moe.expert_gate_up(x, rows, offsets, w_gate_up, "silu", True)
+    grad_out = torch.randn(tokens, hidden, **bf16)
+    dpre = activation_backward(torch.randn(m, inter, **bf16), preact, "silu", True)
+    grad_x32 = torch.zeros(tokens, hidden, device=device, dtype=torch.float32)
+    out32 = torch.zeros(tokens, hidden, device=device, dtype=torch.float32)
+    grad_h = torch.empty_like(h)
+    rowdot = torch.zeros(m, device=device, dtype=torch.float32)
+    grad_w1, grad_w2 = torch.empty_like(w_gate_up), torch.empty_like(w_down)
+    gemm = 2 * m * hidden * inter  # one [M, H] x [H, I] product
+    parts = {
+        "gate_up fwd (gather, act)": (lambda: grouped_gemm("gate_up", x, offsets, w_gate_up.transpose(1, 2), preact, n=inter, a_rows=rows, h=h, gated=True), 2 * gemm),
+        "down fwd (scale, scatter)": (lambda: grouped_gemm("scatter", h, offsets, w_down.transpose(1, 2), out32, n=hidden, c_rows=rows, scale=scale), gemm),
+        "down grad_h (gather, rowdot)": (lambda: grouped_gemm("down_grad", grad_out, offsets, w_down, grad_h, n=inter, a_rows=rows, h=h, scale=scale, rowdot=rowdot), gemm),
+        "down grad_w": (lambda: weight_grad(grad_out, h, offsets, grad_w2, left_rows=rows, scale=scale), gemm),
+        "act backward": (lambda: activation_backward(grad_h, preact, "silu", True), 0),
+        "gate_up grad_x (scatter)": (lambda: grouped_gemm("scatter", dpre, offsets, w_gate_up, grad_x32, n=hidden, c_rows=rows), 2 * gemm),
+        "gate_up grad_w": (lambda: weight_grad(dpre, x, offsets, grad_w1, right_rows=rows), 2 * gemm),
+    }  # fmt: skip
+    for part, (fn, flops) in parts.items():
+        compiled = fn()
+        ms = triton.testing.do_bench(fn, return_mode="median")
+        asm = getattr(compiled, "asm", {}) or {}
+        mma = "wgmma" if "wgmma" in asm.get("ptx", "") else ("mma" if "mma" in asm.get("ptx", "") else "-")
+        regs = f"regs {getattr(compiled, 'n_regs', '?')} spills {getattr(compiled, 'n_spills', '?')}"
+        print(f"  {name:22s} {part:30s} {ms:8.3f} ms {flops / ms / 1e9:6.0f} TFLOP/s  {mma:5s} {regs}", flush=True)
+
+
+def table(data) -> str:
+    lines = [
+        f"# One MoE layer (experts only), bf16, {data['tokens']} tokens",
+        "",
+        f"{data['device']}; torch {data['torch']}, triton {data['triton']}, transformers {data['transformers']}. "
+        "do_bench median ms / TFLOP/s (expert GEMM FLOPs) / peak extra memory GB.",
+        "",
+    ]
+    for mode in ["fwd", "fwd+bwd"]:
+        lines += [f"## {mode}", "", "| config (H, I, E, k) | " + " | ".join(METHODS) + " | prmc speed-up vs tf grouped_mm | prmc / ceiling TFLOP/s |"]
+        lines.append("|---" * (len(METHODS) + 3) + "|")
+        for name, res in data["results"].items():
+            hidden, inter, experts, top_k, hot = CONFIGS[name]
+            cells = []
+            for method in METHODS:
+                r = res.get(f"{method}|{mode}")
+                cells.append(f"{r['ms']:.2f} ms / {r['tflops']:.0f} / {r['peak_gb']:.2f} GB" if r else "n/a")
+            prmc, tf, ceil = (res.get(f"{m}|{mode}") for m in ("prmc", "tf grouped_mm+Inductor", "cuBLAS bmm ceiling"))
+            speedup = f"{tf['ms'] / prmc['ms']:.2f}x" if prmc and tf else "n/a"
+            frac = f"{prmc['tflops'] / ceil['tflops']:.0%}" if prmc and ceil else "n/a"
+            label = f"{name} ({hidden}, {inter}, {experts}, {top_k}{', ' + str(hot) + ' hot' if hot else ''})"
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {speedup} | {frac} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(data, path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot (the table and JSON are written)")
+        return
+    names = list(data["results"])
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    for ax, mode in zip(axes, ["fwd", "fwd+bwd"]):
+        width = 0.8 / len(METHODS)
+        for i, method in enumerate(METHODS):
+            values = [data["results"][n].get(f"{method}|{mode}", {}).get("tflops", 0) for n in names]
+            ax.bar([j + i * width for j in range(len(names))], values, width, label=method)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=20, fontsize=8)
+        ax.set_ylabel("TFLOP/s (expert GEMMs)")
+        ax.set_title(f"{mode}, bf16, {data['tokens']} tokens, {data['device']}")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def write(data, out_dir) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "moe_layer.json"), "w") as f:
+        json.dump(data, f, indent=1)
+    text = table(data)
+    with open(os.path.join(out_dir, "moe_layer.md"), "w") as f:
+        f.write(text + "\n")
+    plot(data, os.path.join(out_dir, "moe_layer.png"))
+    print(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--plot", help="rewrite the table and plot from a saved moe_layer.json")
+    parser.add_argument("--breakdown", action="store_true", help="time each prmc kernel on its own instead")
+    args = parser.parse_args()
+    if args.plot:
+        with open(args.plot) as f:
+            write(json.load(f), os.path.dirname(args.plot))
+        return
+
+    import transformers
+    import triton
+
+    import prmc  # noqa: F401  (registers torch.ops.prmc.* and their CUDA kernels)
+
+    device = torch.device("cuda")
+    if args.breakdown:
+        for name in args.configs.split(","):
+            breakdown(name, args.tokens, device)
+        return
+    os.makedirs(args.out, exist_ok=True)
+    data = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "tokens": args.tokens,
+        "results": {},
+    }
+    for name in args.configs.split(","):
+        data["results"][name] = bench_config(name, args.tokens, device)
+        torch._dynamo.reset()  # each config compiles afresh, as a new model would
+        torch.cuda.empty_cache()
+        with open(os.path.join(args.out, "moe_layer.partial.json"), "w") as f:  # survives a time-out
+            json.dump(data, f)
+    write(data, args.out)
+
+
+if __name__ == "__main__":
+    main()
