@@ -33,7 +33,7 @@ from torch.fx import GraphModule, Node
 from prmc.distributed import ep as _ep
 from prmc.distributed import shard as _shard
 
-__all__ = ["run", "ep_block", "collective_signature", "check_graph"]
+__all__ = ["run", "ep_block", "collective_signature", "check_graph", "is_ep_collective"]
 
 _COLLECTIVE_WORDS = ("all_to_all", "all_gather", "reduce_scatter", "all_reduce", "broadcast")
 
@@ -47,6 +47,15 @@ def ep_block(x2d, ids, wts, w13, w2, *, rank: int, world: int, group_name: str, 
         group_name=group_name, world=world, num_experts=num_experts, activation=activation, gated=gated,
         chunks=chunks,
     )
+
+
+def is_ep_collective(node: Node) -> bool:
+    """True for a token/count all-to-all node (what a ``shard_experts`` block puts in Dynamo's graph).
+
+    For ``recognise``: a top-k whose downstream experts computation contains such a node is an
+    expert-parallel block that ``prmc.distributed`` already lowered; it is not a refusal.
+    """
+    return node.op == "call_function" and "all_to_all_single" in _target_name(node.target)
 
 
 def _target_name(t) -> str:
