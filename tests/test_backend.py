@@ -84,22 +84,26 @@ def test_form_model_matches_eager(name):
     assert len(graphs[-1].refused) == REFUSED[name], str(graphs[-1])
 
 
-@pytest.mark.parametrize("name", sorted(BLOCK_FORMS))
-def test_form_block_matches_eager(name):
-    block = BLOCK_FORMS[name](seed=3)
-    compiled = torch.compile(block, backend="prmc", options={"compiler": "aot_eager"})
-    x = models.make_inputs(block, seed=4)
-    ref = block(x)
-    _loss(ref).backward()
-    ref_grads = [x.grad.clone()] + [p.grad.clone() for p in block.parameters() if p.grad is not None]
-    x.grad = None
-    block.zero_grad(set_to_none=True)
-    out = compiled(x)
-    _loss(out).backward()
-    grads = [x.grad] + [p.grad for p in block.parameters() if p.grad is not None]
+def _check_block(name, options, seed):
+    block = BLOCK_FORMS[name](seed=seed)
+    compiled = torch.compile(block, backend="prmc", options=options)
+    x = models.make_inputs(block, seed=seed + 1)
+    results = []
+    for module in (block, compiled):
+        x.grad = None
+        block.zero_grad(set_to_none=True)
+        out = module(x)
+        _loss(out).backward()
+        results.append((out.detach(), [x.grad.clone()] + [p.grad.clone() for p in block.parameters() if p.grad is not None]))
+    (ref, ref_grads), (out, grads) = results
     assert _rel(out, ref) < 1e-5
     assert len(grads) == len(ref_grads) and all(_rel(a, b) < 1e-5 for a, b in zip(grads, ref_grads))
     assert _rewritten_count() == 1, str(prmc.last_report())
+
+
+@pytest.mark.parametrize("name", sorted(BLOCK_FORMS))
+def test_form_block_matches_eager(name):
+    _check_block(name, {"compiler": "aot_eager"}, seed=3)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "jetmoe", "hand_loop", "hand_dense"])
@@ -118,20 +122,7 @@ INDUCTOR_BLOCKS = ["mixtral-grouped_mm", "qwen2_moe-batched_mm", "deepseek_v3-ea
 
 @pytest.mark.parametrize("name", INDUCTOR_BLOCKS)
 def test_inductor_block_matches_eager(name):
-    block = BLOCK_FORMS[name](seed=1)
-    compiled = torch.compile(block, backend="prmc")
-    x = models.make_inputs(block, seed=2)
-    ref = block(x)
-    _loss(ref).backward()
-    ref_grads = [x.grad.clone()] + [p.grad.clone() for p in block.parameters() if p.grad is not None]
-    x.grad = None
-    block.zero_grad(set_to_none=True)
-    out = compiled(x)
-    _loss(out).backward()
-    grads = [x.grad] + [p.grad for p in block.parameters() if p.grad is not None]
-    assert _rel(out, ref) < 1e-5
-    assert all(_rel(a, b) < 1e-5 for a, b in zip(grads, ref_grads))
-    assert _rewritten_count() == 1
+    _check_block(name, None, seed=1)
 
 
 def test_inductor_model_matches_eager():
@@ -300,12 +291,18 @@ def test_backend_registered_by_entry_point():
     assert list(passes)[:2] == ["recognise", "moe_dispatch"] and all(passes.values())
 
 
-def test_report_is_logged(caplog):
-    torch._logging.set_logs(prmc=logging.INFO)
+def test_report_is_logged():
+    """``TORCH_LOGS=prmc`` / ``set_logs(modules={"prmc": INFO})`` shows each graph's report."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("prmc")
+    logger.addHandler(handler)
+    torch._logging.set_logs(modules={"prmc": logging.INFO})
     try:
         model = models.build_block("qwen3_moe")
-        with caplog.at_level(logging.INFO, logger="prmc"):
-            torch.compile(model, backend="prmc", options={"compiler": "aot_eager"})(models.make_inputs(model))
+        torch.compile(model, backend="prmc", options={"compiler": "aot_eager"})(models.make_inputs(model))
     finally:
         torch._logging.set_logs()
-    assert any("1 MoE block(s) rewritten" in r.getMessage() for r in caplog.records)
+        logger.removeHandler(handler)
+    assert any("1 MoE block(s) rewritten" in r.getMessage() for r in records)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.fx import Graph, GraphModule, Node
 
 from prmc.kernels.reference import ACTIVATIONS
+from prmc.report import log
 
 # Single-input ops through which the tokens reach the router unchanged in value.
 _VIEW_METHODS = {"view", "reshape", "to", "float", "type", "contiguous", "flatten", "bfloat16", "half", "detach"}
@@ -114,8 +115,11 @@ def run(gm: GraphModule, config, report) -> None:
         try:
             spec = _recognise_block(gm, topk, order, nodes[order[topk] : boundaries[i + 1]])
         except NotMoE as why:
-            block = report.block(name)
-            block.reason = str(why)
+            report.block(name).reason = str(why)
+            continue
+        except Exception as error:  # never fail the user's compile over a block prmc cannot analyse
+            log.warning("prmc: could not analyse the block at %s", name, exc_info=True)
+            report.block(name).reason = f"prmc could not analyse it ({type(error).__name__}: {error}); please report this"
             continue
         block = report.block(spec.name)
         block.form, block.num_experts, block.top_k = spec.form, spec.num_experts, spec.top_k
@@ -185,8 +189,10 @@ def _value(n: Node) -> Any:
 
 
 def _is_size(n: Node) -> bool:
-    """A symbolic size (dynamic shapes): the probe feeds its trace-time value."""
-    return isinstance(_value(n), torch.SymInt)
+    """A symbolic size of the graph's inputs (dynamic shapes): the probe feeds its trace-time value.
+    Data-dependent sizes (``.tolist()``, ``nonzero``) have none and are computed inside the block."""
+    value = _value(n)
+    return isinstance(value, torch.SymInt) and value.node.hint is not None
 
 
 def _is_float_tensor(n: Node) -> bool:
@@ -642,7 +648,8 @@ class _Probe:
         w_topk = (torch.rand(ids_shape, generator=gen) + 0.1).to(device, wv.dtype)
         if self.dense:
             gates = torch.zeros(rows, self.num_experts, device=device, dtype=wv.dtype)
-            weights = gates.scatter(1, ids.reshape(rows, top_k).long(), w_topk.reshape(rows, top_k)).reshape(wv.shape)
+            weights = gates.scatter(1, ids.reshape(rows, top_k).long(), w_topk.reshape(rows, top_k))
+            weights = weights.reshape(tuple(_hint(d) for d in wv.shape))
         else:
             weights = w_topk.reshape(tuple(_hint(d) for d in wv.shape))
         return tokens, ids, weights, params
