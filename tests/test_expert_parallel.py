@@ -12,7 +12,7 @@ Cases (world 2 and 4 unless noted):
 * compiled (Inductor, fwd+bwd, with the expert_parallel + overlap passes) training: world 2 Mixtral
   chunks 2 and Qwen2-MoE on replicated weights through the lead's lowering (``expert_parallel`` rewrite),
   world 4 skewed DeepSeek-V3 chunks 4;
-* EP x DP (world 4, mesh (dp=2, ep=2)) eager training;
+* EP x DP (world 4, mesh (dp=2, ep=2)) eager training; FSDP2 on the dense parameters + EP (eager);
 * errors: EP size not dividing E, ranks with different models, ranks compiling different graphs.
 """
 
@@ -100,7 +100,9 @@ def _ep_backend(chunks_default: int = 1, lead: bool = False):
     return backend
 
 
-def _train_compare(ref, model, mesh, rank, world, *, compiled=None, dp_mesh=None, batch_per_rank=2, seq=8):
+def _train_compare(
+    ref, model, mesh, rank, world, *, compiled=None, dp_mesh=None, expert_only=False, batch_per_rank=2, seq=8
+):
     """3 SGD steps of ``model`` (EP) on this rank's share vs ``ref`` (one process) on the global batch."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
@@ -117,7 +119,7 @@ def _train_compare(ref, model, mesh, rank, world, *, compiled=None, dp_mesh=None
     for _ in range(STEPS):
         loss = _loss(fwd, mine)
         loss.backward()
-        pd.sync_gradients(model, mesh, dp_mesh)
+        pd.sync_gradients(model, mesh, dp_mesh, expert_only=expert_only)
         opt.step()
         opt.zero_grad()
         lt = loss.detach().clone()
@@ -215,6 +217,22 @@ def _case_train_dp_ep(rank, world, mesh2d, family):
     return _train_compare(ref, model, mesh2d["ep"], rank, world, dp_mesh=mesh2d["dp"])
 
 
+def _case_train_fsdp2_ep(rank, world, mesh, family):
+    """FSDP2 on the dense parameters (same ranks), EP on the experts (ignored by FSDP)."""
+    from torch.distributed.fsdp import fully_shard
+
+    import prmc.distributed as pd
+
+    ref = _tiny(family, layers=2)
+    model = copy.deepcopy(ref)
+    pd.shard_experts(model, mesh)
+    experts = {p for p in model.parameters() if getattr(p, "_prmc_expert", False)}
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, ignored_params=experts)
+    fully_shard(model, mesh=mesh, ignored_params=experts)
+    return _train_compare(ref, model, mesh, rank, world, expert_only=True)
+
+
 def _case_error_divide(rank, world, mesh):
     import prmc.distributed as pd
 
@@ -260,6 +278,7 @@ def _cases(world):
         for chunks in (1, 2, 4):
             cases.append((f"eager-{family}-c{chunks}", _case_train_eager, dict(family=family, chunks=chunks)))
     cases.append(("eager-deepseek_v3-skew-c2", _case_train_eager, dict(family="deepseek_v3", chunks=2, skew=True)))
+    cases.append(("fsdp2-ep-qwen2_moe", _case_train_fsdp2_ep, dict(family="qwen2_moe")))
     cases.append(("error-divide", _case_error_divide, {}))
     cases.append(("error-mismatch-model", _case_error_mismatch_model, {}))
     if world == 2:
@@ -387,6 +406,11 @@ def test_ep_training_compiled_matches_single_process(world, name):
 
 def test_ep_times_dp_training():
     _result(4, "dp2-ep2-mixtral")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp2_on_dense_params_with_ep(world):
+    _result(world, "fsdp2-ep-qwen2_moe")
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -7,8 +7,9 @@ the global loss is the mean of those. Then
 * an expert shard's gradient already sums the contributions of every EP rank's tokens (the all-to-all
   backward brings them home), so it is summed over the DP group only and divided by EP x DP.
 
-With FSDP2 on the non-expert parameters, leave those to FSDP (its reduce-scatter averages over its mesh)
-and call this with ``expert_only=True``.
+With FSDP2 on the non-expert parameters (``fully_shard(..., ignored_params=<expert params>)``), leave those
+to FSDP (its reduce-scatter averages over its mesh) and call this with ``expert_only=True``. Expert
+parameters are recognised by the ``_prmc_expert`` mark that ``shard_experts`` puts on them.
 """
 
 from __future__ import annotations
@@ -44,8 +45,14 @@ def sync_gradients(model: nn.Module, ep_mesh, dp_mesh=None, *, dense_group=None,
     for p in model.parameters():
         if p.grad is None:
             continue
-        if isinstance(p, DTensor) or isinstance(p.grad, DTensor):
+        if getattr(p, "_prmc_expert", False):
             expert.append(p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad)
+        elif isinstance(p, DTensor) or isinstance(p.grad, DTensor):
+            if not expert_only:
+                raise ValueError(
+                    "sync_gradients: a DTensor parameter that shard_experts did not make (FSDP2?); "
+                    "let FSDP reduce those and call sync_gradients(..., expert_only=True)"
+                )
         elif not expert_only:
             dense.append(p.grad)
     if dense:

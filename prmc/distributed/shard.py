@@ -226,7 +226,9 @@ def shard_experts(model: nn.Module, ep_mesh, *, overlap_chunks: int = 1) -> list
         for name in ("gate_up_proj" if gated else "up_proj", "down_proj"):
             p = mod._parameters[name]
             dt = distribute_tensor(p.detach(), ep_mesh, [Shard(0)])
-            mod._parameters[name] = nn.Parameter(dt, requires_grad=p.requires_grad)
+            param = nn.Parameter(dt, requires_grad=p.requires_grad)
+            param._prmc_expert = True  # sync_gradients: reduced over DP only (FSDP2 params are DTensors too)
+            mod._parameters[name] = param
         info = EPInfo(
             path=path,
             num_experts=e,
