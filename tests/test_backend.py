@@ -194,6 +194,15 @@ def test_deepseek_v3_report():
     assert b.rewritten and b.shared_expert and "sigmoid" in b.routing and "group-limited" in b.routing
 
 
+def test_eager_experts_report_says_what_prmc_chose():
+    """Form 2: the eager loop graph-breaks at nonzero; prmc traces transformers' grouped_mm instead."""
+    model = models.build("qwen2_moe", experts_implementation="eager")
+    gm, report = _dynamo_graph(model, models.make_inputs(model))
+    assert len(report.blocks) == 2
+    assert all(b.rewritten and "experts_implementation='eager'" in b.form and b.shared_expert for b in report.blocks)
+    assert "nonzero" not in _targets(gm)
+
+
 def test_recognise_only_leaves_graph_alone():
     model = models.build("qwen3_moe")
     inputs = models.make_inputs(model)

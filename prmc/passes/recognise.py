@@ -416,14 +416,19 @@ def _form(gm: GraphModule, region: list[Node], dense: bool) -> str:
     for n in region:
         names.add(n.target if n.op == "call_method" else getattr(n.target, "__name__", str(n.target)))
     if dense:
-        return "dense gate-weighted sum over all experts"
-    if "grouped_mm" in names or "_grouped_mm" in names:
-        return "grouped_mm experts"
-    if any("grouped_mm_fallback" in str(n.target) for n in region):
-        return "grouped_mm experts (transformers fallback op)"
-    if "bmm" in names:
-        return "batched_mm experts"
-    return "per-expert loop"
+        form = "dense gate-weighted sum over all experts"
+    elif "grouped_mm" in names or "_grouped_mm" in names:
+        form = "grouped_mm experts"
+    elif any("grouped_mm_fallback" in str(n.target) for n in region):
+        form = "grouped_mm experts (transformers fallback op)"
+    elif "bmm" in names:
+        form = "batched_mm experts"
+    else:
+        form = "per-expert loop"
+    if any("eager_experts_forward" in (n.meta.get("stack_trace") or "") for n in region):
+        # prmc.capture had Dynamo trace transformers' grouped_mm experts for the eager loop.
+        form += " (model's experts_implementation='eager', traced as grouped_mm: prmc.capture)"
+    return form
 
 
 def _recognise_block(gm: GraphModule, topk: Node, order: dict[Node, int], window: list[Node]) -> MoESpec:
