@@ -14,7 +14,8 @@ from torch.fx import GraphModule
 
 from prmc import capture
 from prmc.config import PrmcConfig
-from prmc.passes import PASSES
+from prmc.passes import PASSES, overlap
+from prmc.passes.expert_parallel import is_ep_collective
 from prmc.report import Report, log, new_report
 
 capture.install()
@@ -44,8 +45,12 @@ def backend(gm: GraphModule, example_inputs: list[Any], options: dict[str, Any] 
         return aot_eager(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
+    # Only graphs with expert-parallel all-to-alls get the overlap schedule: everything else compiles
+    # exactly as Inductor would.
+    has_a2a = any(is_ep_collective(n) for n in gm.graph.nodes)
+    patches = overlap.inductor_config_patches(config) if "overlap" in config.passes and has_a2a else {}
     if mode is not None and mode != "default":
         from torch._inductor import list_mode_options
 
-        return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode))
-    return compile_fx(gm, example_inputs)
+        patches = {**list_mode_options(mode), **patches}
+    return compile_fx(gm, example_inputs, config_patches=patches)

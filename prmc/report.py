@@ -52,6 +52,7 @@ class Report:
     blocks: list[BlockReport] = dataclasses.field(default_factory=list)
     graph_breaks: list[str] = dataclasses.field(default_factory=list)
     passes: tuple[str, ...] = ()
+    notes: list[str] = dataclasses.field(default_factory=list)  # what passes other than recognise add
 
     @property
     def rewritten(self) -> list[BlockReport]:
@@ -74,6 +75,7 @@ class Report:
         lines = [head, *(b.line() for b in self.blocks)]
         if not self.blocks:
             lines.append("  no MoE block (no top-k routing) in this graph: compiled as Inductor would")
+        lines += [f"  {note}" for note in self.notes]
         if self.graph_breaks:
             lines.append("  Dynamo graph breaks so far in this process:")
             lines += [f"    {r}" for r in self.graph_breaks]

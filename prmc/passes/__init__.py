@@ -28,6 +28,15 @@ PASSES: dict[str, PassInfo] = {
     for p in (
         PassInfo("recognise", "find MoE blocks (router, top-k, experts, combine) and describe each as an MoESpec"),
         PassInfo("moe_dispatch", "rewrite each block into sort_by_expert -> expert_gate_up -> expert_down (dropless)"),
+        PassInfo(
+            "expert_parallel",
+            "EP form of each block: all-to-all dispatch/combine with variable splits (dropless); "
+            "checks that all ranks will issue the same collectives",
+        ),
+        PassInfo(
+            "overlap",
+            "communication/compute overlap: chunked all-to-alls, shared expert under the dispatch, waits late (fwd+bwd)",
+        ),
     )
 }
 

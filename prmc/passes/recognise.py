@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.fx import Graph, GraphModule, Node
 
 from prmc.kernels.reference import ACTIVATIONS
+from prmc.passes.expert_parallel import is_ep_collective
 from prmc.report import log
 
 # Single-input ops through which the tokens reach the router unchanged in value.
@@ -112,8 +113,14 @@ def run(gm: GraphModule, config, report) -> None:
     boundaries = [order[k] for k in routing] + [len(nodes)]
     for i, topk in enumerate(routing):
         name = _module_path(topk) or f"top-k {topk.name}"
+        window = nodes[order[topk] : boundaries[i + 1]]
+        if any(is_ep_collective(n) for n in window):
+            block = report.block(name)
+            block.rewritten, block.form = True, "expert parallel (sharded experts)"
+            block.rewrites.append("prmc.distributed all-to-all dispatch -> expert_gate_up -> expert_down -> combine")
+            continue
         try:
-            spec = _recognise_block(gm, topk, order, nodes[order[topk] : boundaries[i + 1]])
+            spec = _recognise_block(gm, topk, order, window)
         except NotMoE as why:
             report.block(name).reason = str(why)
             continue
@@ -449,13 +456,13 @@ def _recognise_block(gm: GraphModule, topk: Node, order: dict[Node, int], window
         n
         for n in after & window_set
         if _is_float_tensor(n)
-        and _shape(n)[-1] in (top_k, num_experts)
+        and _shape(n)[-1:] in ((top_k,), (num_experts,))
         and _numel(n) in (num_tokens * top_k, num_tokens * num_experts)
         and not _index_derived(n, ids, order, gm)
     }
     stops = set(x_chain) | weight_inputs | {ids}
     candidates = [
-        n for n in reversed(window) if n in after and n not in weight_inputs and _is_float_tensor(n) and _shape(n)[-1] == hidden and _numel(n) == num_tokens * hidden
+        n for n in reversed(window) if n in after and n not in weight_inputs and _is_float_tensor(n) and _shape(n)[-1:] == (hidden,) and _numel(n) == num_tokens * hidden
     ]
     # Why each closed candidate failed, latest (most likely the block's real output) first.
     reasons = []
