@@ -247,6 +247,7 @@ def main():
                 f"{r['compute_ms']:11.2f} {r['exposed_comm_ms']:11.2f}"
             )
         print(f"wrote {out}")
+    dist.barrier()  # nobody tears down gloo while another rank still talks
     dist.destroy_process_group()
 
 

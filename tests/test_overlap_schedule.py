@@ -7,6 +7,9 @@
   issue -> independent compute -> wait in the forward (shared expert and the next chunk's all-to-all under
   the first chunk's) and in the backward (the second gradient all-to-all issued before the first chunk's
   expert backward GEMMs, and waited after them).
+* World 2: tiny Qwen2-MoE with sharded experts, compiled: in the scheduled forward graph the shared
+  expert's GEMMs sit between the token dispatch all-to-all's issue and its wait; in the backward graph its
+  backward GEMMs sit under the gradient all-to-alls.
 """
 
 from __future__ import annotations
@@ -130,7 +133,7 @@ def _worker(rank, world, init_file, out_dir):
                 fn(x, ids, wt, a, b).sum().backward()
 
             _, codes = run_and_get_code(step)
-        result = {"ok": True, "codes": [_code_lines(c) for c in codes]}
+        result = {"ok": True, "codes": [_code_lines(c) for c in codes], "model_graphs": _model_graphs()}
     except Exception:
         result = {"ok": False, "error": traceback.format_exc()}
     with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as fh:
@@ -138,8 +141,55 @@ def _worker(rank, world, init_file, out_dir):
     dist.destroy_process_group()
 
 
+def _model_graphs():
+    """Tiny Qwen2-MoE (shared expert) with sharded experts, compiled: the scheduled fwd/bwd graphs, as
+    [(node name, kind)] with kind in issue / wait / shared / other."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import prmc.distributed as pd
+    from tests.test_expert_parallel import _ep_backend, _loss, _tiny
+
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("ep",))
+    model = copy.deepcopy(_tiny("qwen2_moe", layers=1))
+    pd.shard_experts(model, mesh)
+    graphs = []
+    orig = overlap.schedule
+
+    def recording(graph):
+        stats = orig(graph)
+        nodes = []
+        for n in graph.nodes:
+            if n.op != "call_function":
+                continue
+            t = str(n.target)
+            if "all_to_all_single" in t:
+                kind = "issue"
+            elif n.name.startswith("wait_tensor"):
+                kind = "wait"
+            elif n.target in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) and "shared_expert" in (
+                n.meta.get("stack_trace") or ""
+            ):
+                kind = "shared"
+            else:
+                continue
+            args = [a.name for a in n.all_input_nodes]
+            nodes.append((n.name, kind, args))
+        graphs.append(nodes)
+        return stats
+
+    overlap.schedule = recording
+    try:
+        compiled = torch.compile(model, backend=_ep_backend(1))
+        _loss(compiled, torch.randint(3, 100, (2, 8))).backward()
+    finally:
+        overlap.schedule = orig
+    return graphs
+
+
 @pytest.fixture(scope="module")
-def generated_code():
+def worker_results():
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as d:
@@ -147,6 +197,29 @@ def generated_code():
         with open(os.path.join(d, "rank0.pkl"), "rb") as fh:
             res = pickle.load(fh)
     assert res["ok"], res.get("error")
+    return res
+
+
+def _window(nodes, issue_index):
+    """Kinds between the issue of the ``issue_index``-th variable all-to-all and its wait."""
+    issues = [i for i, n in enumerate(nodes) if n[1] == "issue"]
+    i = issues[issue_index]
+    name = nodes[i][0]
+    w = next(j for j, n in enumerate(nodes) if n[1] == "wait" and name in n[2])
+    return [n[1] for n in nodes[i + 1 : w]]
+
+
+def test_shared_expert_under_dispatch_all_to_all_in_model_graphs(worker_results):
+    fwd, bwd = worker_results["model_graphs"][:2]
+    # forward: [count exchange, token dispatch, combine]; the shared expert's GEMMs under the dispatch
+    assert _window(fwd, 1).count("shared") >= 3, fwd
+    # backward: the shared expert's backward GEMMs under the gradient all-to-alls
+    assert _window(bwd, 0).count("shared") + _window(bwd, 1).count("shared") >= 3, bwd
+
+
+@pytest.fixture(scope="module")
+def generated_code(worker_results):
+    res = worker_results
     fwd, bwd = res["codes"][0], res["codes"][1]
     return fwd, bwd
 

@@ -16,7 +16,8 @@ Two halves:
   1. moves the issue right after the last node it depends on;
   2. moves the compute that precedes the issue but does not feed it (a shared expert, the other chunk's
      expert GEMMs, ...) to right after the issue, so it runs while the all-to-all is in flight;
-  3. moves the wait down to right before the first node that reads the result.
+  3. moves the wait down to right before the first node that reads the result, and the compute after it
+     that does not read it (up to the next collective) above it (e.g. the shared expert's backward).
 
   Collectives keep their relative order (no hang), mutations, asserts, scalar reads and other collectives
   are never moved, and the result stays a topological order, which Inductor's ``stable_topological_sort``
@@ -169,6 +170,9 @@ def schedule(graph: Graph) -> dict:
                 first.prepend(w)
                 stats["sunk_waits"] += 1
                 sunk.append((a, w))
+            stats["hoisted_compute"] = stats.get("hoisted_compute", 0) + _hoist_above_wait(w)
+            if w not in [x for _, x in sunk]:
+                sunk.append((a, w))
     # 4. pin the waits behind the compute placed before them: Inductor's scheduler (reorder_for_peak_memory)
     #    would otherwise pull each wait up to its collective
     deps = {}
@@ -181,6 +185,23 @@ def schedule(graph: Graph) -> dict:
         stats["pinned_waits"] = len(deps)
     graph.lint()
     return stats
+
+
+def _hoist_above_wait(w: Node) -> int:
+    """Move the compute after ``w`` that does not depend on it (up to the next collective) above it."""
+    movable, blocked = [], {w}
+    n = w.next
+    while n.op != "root":
+        if n.op == "output" or _is_collective(n):
+            break
+        if _is_pinned(n) or any(x in blocked for x in n.all_input_nodes):
+            blocked.add(n)
+        else:
+            movable.append(n)
+        n = n.next
+    for m in movable:
+        w.prepend(m)
+    return len(movable)
 
 
 def _last_compute_before(w: Node, a: Node):
