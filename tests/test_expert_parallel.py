@@ -12,7 +12,7 @@ Cases (world 2 and 4 unless noted):
 * compiled (Inductor, fwd+bwd, with the expert_parallel + overlap passes) training: world 2 Mixtral
   chunks 2 and Qwen2-MoE on replicated weights through the lead's lowering (``expert_parallel`` rewrite),
   world 4 skewed DeepSeek-V3 chunks 4;
-* EP x DP (world 4, mesh (dp=2, ep=2)) eager training; FSDP2 on the dense parameters + EP (eager);
+* EP x DP (world 4, mesh (dp=2, ep=2)) training, eager and compiled (chunks 2); FSDP2 on the dense parameters + EP (eager);
 * errors: EP size not dividing E, ranks with different models, ranks compiling different graphs.
 """
 
@@ -207,14 +207,15 @@ def _case_train_replicated_lowered(rank, world, mesh, family, chunks):
     return res
 
 
-def _case_train_dp_ep(rank, world, mesh2d, family):
+def _case_train_dp_ep(rank, world, mesh2d, family, compiled=False, chunks=1):
     import prmc.distributed as pd
 
     ref = _tiny(family, layers=1)
     model = copy.deepcopy(ref)
-    pd.shard_experts(model, mesh2d["ep"])
+    pd.shard_experts(model, mesh2d["ep"], overlap_chunks=chunks)
+    fwd = torch.compile(model, backend=_ep_backend(chunks)) if compiled else None
     # every rank (dp x ep) holds its own share of the global batch
-    return _train_compare(ref, model, mesh2d["ep"], rank, world, dp_mesh=mesh2d["dp"])
+    return _train_compare(ref, model, mesh2d["ep"], rank, world, dp_mesh=mesh2d["dp"], compiled=fwd)
 
 
 def _case_train_fsdp2_ep(rank, world, mesh, family):
@@ -289,6 +290,7 @@ def _cases(world):
     if world == 4:
         cases.append(("compiled-deepseek_v3-skew-c4", _case_train_compiled, dict(family="deepseek_v3", chunks=4, skew=True)))
         cases.append(("dp2-ep2-mixtral", _case_train_dp_ep, dict(family="mixtral")))
+        cases.append(("compiled-dp2-ep2-mixtral-c2", _case_train_dp_ep, dict(family="mixtral", compiled=True, chunks=2)))
     return cases
 
 
@@ -302,7 +304,7 @@ def _worker(rank, world, init_file, out_dir):
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
     results = {}
     for name, fn, kw in _cases(world):
-        if name.startswith("dp2"):
+        if "dp2-ep2" in name:
             kw = dict(kw, mesh2d=init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep")))
         else:
             kw = dict(kw, mesh=mesh)
@@ -404,8 +406,9 @@ def test_ep_training_compiled_matches_single_process(world, name):
         assert f"expert parallel over {world} ranks" in res[0]["report"], res[0]["report"]
 
 
-def test_ep_times_dp_training():
-    _result(4, "dp2-ep2-mixtral")
+@pytest.mark.parametrize("name", ["dp2-ep2-mixtral", "compiled-dp2-ep2-mixtral-c2"])
+def test_ep_times_dp_training(name):
+    _result(4, name)
 
 
 @pytest.mark.parametrize("world", [2, 4])

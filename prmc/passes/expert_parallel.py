@@ -73,20 +73,30 @@ def _module_path(n: Node) -> str:
     return str(path).replace("L['self'].", "").replace("L__self___", "")
 
 
+def _group_size(name: str):
+    """Group names differ between ranks of different EP groups (dp x ep); their sizes do not."""
+    try:
+        from torch.distributed import distributed_c10d as c10d
+
+        return ("group of", c10d._get_group_size_by_name(name))
+    except Exception:
+        return ("group", name)
+
+
 def collective_signature(gm: GraphModule) -> list[tuple]:
-    """The collectives ``gm`` issues, in order: (op, group, splits kind, module path) per node."""
+    """The collectives ``gm`` issues, in order: (op, group size, splits kind, module path) per node."""
     sig = []
     for n in gm.graph.nodes:
         if n.op != "call_function":
             continue
         if n.target is ep_block:
             kw = n.kwargs
-            sig.append(("ep_block", kw["group_name"], kw["world"], kw["num_experts"], kw["chunks"], _module_path(n)))
+            sig.append(("ep_block", _group_size(kw["group_name"]), kw["num_experts"], kw["chunks"], _module_path(n)))
             continue
         name = _target_name(n.target)
         if not any(w in name for w in _COLLECTIVE_WORDS):
             continue
-        group = next((a for a in list(n.args) + list(n.kwargs.values()) if isinstance(a, str)), "")
+        group = _group_size(next((a for a in list(n.args) + list(n.kwargs.values()) if isinstance(a, str)), ""))
         lists = [a for a in n.args if isinstance(a, (list, tuple))]
         kind = "var" if any(isinstance(x, Node) or isinstance(x, torch.SymInt) for l in lists for x in l) else (
             "eq" + str([list(l) for l in lists]))
