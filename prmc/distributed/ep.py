@@ -1,12 +1,13 @@
 """Expert-parallel dispatch and combine, dropless, as traceable PyTorch code.
 
-Everything here is plain PyTorch on top of the prmc ops and the ``_c10d_functional`` collectives, so
-it runs eagerly, traces with Dynamo (``capture_scalar_outputs``) and with AOT autograd, and compiles
-through Inductor forward and backward. The collectives stay separate graph nodes: each all-to-all is
-an *issue* node (``_c10d_functional.all_to_all_single``) and a later *wait* node
-(``_c10d_functional.wait_tensor``); the code below places the wait where the schedule wants it, and
-the autograd functions place the backward's waits symmetrically (the backward of a wait issues the
-transposed all-to-all, the backward of an issue waits for it).
+Everything here is plain PyTorch on top of the prmc ops and the functional collectives, so it runs
+eagerly, traces with Dynamo (``capture_scalar_outputs``) and with AOT autograd, and compiles through
+Inductor forward and backward. The token all-to-alls are ``all_to_all_single_autograd`` (backward: the
+transposed all-to-all); traced, each is an ``all_to_all_single`` node followed by a ``wait_tensor`` node.
+The code issues them in the order the schedule wants (next chunk before this chunk's GEMMs); where the
+waits go in the compiled forward and backward graphs is decided by :mod:`prmc.passes.overlap`. Eagerly,
+functional collectives return ``AsyncCollectiveTensor`` s that wait at first use, which gives the same
+overlap.
 
 Layout (EP size ``W``, ``E`` experts, ``El = E / W`` local experts; rank ``r`` owns experts
 ``[r*El, (r+1)*El)``):
