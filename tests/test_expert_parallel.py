@@ -193,6 +193,22 @@ def _case_train_compiled(rank, world, mesh, family, chunks, skew=False):
     return _train_compare(ref, model, mesh, rank, world, compiled=compiled)
 
 
+def _case_train_prmc_backend(rank, world, mesh, family, chunks):
+    """The user API of issue 4: shard_experts + torch.compile(backend=prmc.backend, options=...)."""
+    import prmc
+    import prmc.distributed as pd
+
+    ref = _tiny(family, layers=1)
+    model = copy.deepcopy(ref)
+    pd.shard_experts(model, mesh)  # chunks come from the compile options
+    compiled = torch.compile(
+        model, backend=prmc.backend, options={"expert_parallel": mesh, "overlap": {"chunks": chunks}}
+    )
+    res = _train_compare(ref, model, mesh, rank, world, compiled=compiled)
+    res["report"] = str(prmc.last_report())
+    return res
+
+
 def _case_train_replicated_lowered(rank, world, mesh, family, chunks):
     """No shard_experts: the lead's moe_dispatch lowering, rewritten by the expert_parallel pass."""
     from functools import partial
@@ -287,6 +303,7 @@ def _cases(world):
         cases.append(("compiled-qwen2_moe-c1", _case_train_compiled, dict(family="qwen2_moe", chunks=1)))
         cases.append(("compiled-lowered-qwen2_moe-c2", _case_train_replicated_lowered, dict(family="qwen2_moe", chunks=2)))
         cases.append(("error-mismatch-compile", _case_error_mismatch_compile, {}))
+        cases.append(("prmc-backend-qwen2_moe-c2", _case_train_prmc_backend, dict(family="qwen2_moe", chunks=2)))
     if world == 4:
         cases.append(("compiled-deepseek_v3-skew-c4", _case_train_compiled, dict(family="deepseek_v3", chunks=4, skew=True)))
         cases.append(("dp2-ep2-mixtral", _case_train_dp_ep, dict(family="mixtral")))
@@ -404,6 +421,12 @@ def test_ep_training_compiled_matches_single_process(world, name):
     res = _result(world, name)
     if name.startswith("compiled-lowered"):
         assert f"expert parallel over {world} ranks" in res[0]["report"], res[0]["report"]
+
+
+def test_ep_training_through_prmc_backend():
+    pytest.importorskip("prmc.backend")
+    res = _result(2, "prmc-backend-qwen2_moe-c2")
+    assert "expert parallel" in res[0]["report"] and "chunks=2" in res[0]["report"], res[0]["report"]
 
 
 @pytest.mark.parametrize("name", ["dp2-ep2-mixtral", "compiled-dp2-ep2-mixtral-c2"])
