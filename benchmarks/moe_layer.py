@@ -143,7 +143,7 @@ def breakdown(name, tokens, device) -> None:
     from prmc.kernels import triton_moe
     from prmc.kernels.activation_backward import activation_backward
     from prmc.kernels.grouped_gemm import grouped_gemm
-    from prmc.kernels.weight_grad import weight_grad
+    from prmc.kernels.weight_grad import grouped_weight_grad
 
     hidden, inter, experts, top_k, hot = CONFIGS[name]
     torch.manual_seed(0)
@@ -162,16 +162,15 @@ def breakdown(name, tokens, device) -> None:
     out32 = torch.zeros(tokens, hidden, device=device, dtype=torch.float32)
     grad_h = torch.empty_like(h)
     rowdot = torch.zeros(m, device=device, dtype=torch.float32)
-    grad_w1, grad_w2 = torch.empty_like(w_gate_up), torch.empty_like(w_down)
     gemm = 2 * m * hidden * inter  # one [M, H] x [H, I] product
     parts = {
         "gate_up fwd (gather, act)": (lambda: grouped_gemm("gate_up", x, offsets, w_gate_up.transpose(1, 2), preact, n=inter, a_rows=rows, h=h, gated=True), 2 * gemm),
         "down fwd (scale, scatter)": (lambda: grouped_gemm("scatter", h, offsets, w_down.transpose(1, 2), out32, n=hidden, c_rows=rows, scale=scale), gemm),
         "down grad_h (gather, rowdot)": (lambda: grouped_gemm("down_grad", grad_out, offsets, w_down, grad_h, n=inter, a_rows=rows, h=h, scale=scale, rowdot=rowdot), gemm),
-        "down grad_w": (lambda: weight_grad(grad_out, h, offsets, grad_w2, left_rows=rows, scale=scale), gemm),
+        "down grad_w (CUTLASS on sm90 bf16)": (lambda: grouped_weight_grad(grad_out, h, offsets, experts, left_rows=rows, scale=scale), gemm),
         "act backward": (lambda: activation_backward(grad_h, preact, "silu", True), 0),
         "gate_up grad_x (scatter)": (lambda: grouped_gemm("scatter", dpre, offsets, w_gate_up, grad_x32, n=hidden, c_rows=rows), 2 * gemm),
-        "gate_up grad_w": (lambda: weight_grad(dpre, x, offsets, grad_w1, right_rows=rows), 2 * gemm),
+        "gate_up grad_w (CUTLASS on sm90 bf16)": (lambda: grouped_weight_grad(dpre, x, offsets, experts, right_rows=rows), 2 * gemm),
     }  # fmt: skip
     for part, (fn, flops) in parts.items():
         compiled = fn()

@@ -36,6 +36,8 @@ CASES = {
     "bf16-gelu_tanh-unrouted-transposed": Case(29, 40, 24, 4, 2, dtype=torch.bfloat16, activation="gelu_tanh", unrouted=3, transposed_weights=True),
 }  # fmt: skip
 
+GATHER = "gather_rows"
+
 # fp32 products are exact; half precision pays the interpreter's truncating rounding (see above).
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
@@ -43,7 +45,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 @pytest.fixture(scope="module")
 def interpreter_errors() -> dict[str, dict[str, float]]:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    names = list(CASES)
+    names = [*CASES, GATHER]
     children = [
         subprocess.Popen([sys.executable, __file__, *names[i::2]], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)
@@ -65,6 +67,25 @@ def test_kernels_match_reference(name, interpreter_errors):
     assert not bad, f"{name}: relative errors over {TOLERANCE[case.dtype]:g}: {bad}"
 
 
+def test_gather_rows(interpreter_errors):
+    """The gather (+ routing-weight scale) that feeds CUTLASS's weight gradient on Hopper."""
+    bad = {k: v for k, v in interpreter_errors[GATHER].items() if not v <= TOLERANCE[torch.bfloat16]}
+    assert len(interpreter_errors[GATHER]) == 2 and not bad, interpreter_errors[GATHER]
+
+
+def check_gather_rows() -> dict[str, float]:
+    from prmc.kernels.check import rel_err
+    from prmc.kernels.weight_grad import gather_rows
+
+    src = torch.randn(23, 40, dtype=torch.bfloat16)
+    rows = torch.randint(0, 23, (37,))
+    scale = torch.rand(37, dtype=torch.bfloat16)
+    return {
+        "gather": rel_err(gather_rows(src, rows), src[rows]),
+        "gather+scale": rel_err(gather_rows(src, rows, scale), src[rows].double() * scale.double()[:, None]),
+    }
+
+
 if __name__ == "__main__":
     torch.manual_seed(0)
-    print(json.dumps({name: check_case(CASES[name], "cpu") for name in sys.argv[1:]}))
+    print(json.dumps({name: check_gather_rows() if name == GATHER else check_case(CASES[name], "cpu") for name in sys.argv[1:]}))

@@ -10,9 +10,9 @@ op                         kernels
 expert_gate_up             grouped_gemm "gate_up": gather x rows, GEMM with W.T, preact + act(gate) * up
 expert_down                grouped_gemm "scatter": GEMM with W.T, * routing weight, atomic add to token rows
 expert_gate_up_backward    activation_backward -> d preact; grouped_gemm "scatter" (grad_x = d preact @ W,
-                           added to token rows); weight_grad (d preact.T @ x[rows])
+                           added to token rows); grouped_weight_grad (d preact.T @ x[rows])
 expert_down_backward       grouped_gemm "down_grad" (grad_h and grad_scale from grad_out[rows] @ W);
-                           weight_grad ((routing weight * grad_out[rows]).T @ h)
+                           grouped_weight_grad ((routing weight * grad_out[rows]).T @ h)
 =========================  ==================================================================================
 
 Inputs outside what the kernels take (fp64, mixed dtypes, indices not int64/int32) fall back to the
@@ -28,7 +28,7 @@ from prmc.kernels import reference
 from prmc.kernels._triton_common import KERNEL_DTYPES
 from prmc.kernels.activation_backward import activation_backward
 from prmc.kernels.grouped_gemm import grouped_gemm
-from prmc.kernels.weight_grad import weight_grad
+from prmc.kernels.weight_grad import grouped_weight_grad
 
 
 def _kernels_take(*tensors: Tensor | None) -> bool:
@@ -74,8 +74,7 @@ def expert_gate_up_backward(
     dpre = activation_backward(grad_h, preact, activation, gated)
     grad_x = _scatter_target(x.shape[0], x.shape[1], x.device)
     grouped_gemm("scatter", dpre, offsets, weight, grad_x, n=x.shape[1], c_rows=rows)
-    grad_w = weight.new_empty(weight.shape)
-    weight_grad(dpre, x, offsets, grad_w, right_rows=rows)
+    grad_w = grouped_weight_grad(dpre, x, offsets, weight.shape[0], right_rows=rows)
     return grad_x.to(x.dtype), grad_w
 
 
@@ -103,8 +102,7 @@ def expert_down_backward(
         "down_grad", grad_out, offsets, weight, grad_h, n=h.shape[1], a_rows=rows, h=h, scale=scale,
         rowdot=grad_scale if scale is not None else None,
     )  # fmt: skip
-    grad_w = weight.new_empty(weight.shape)
-    weight_grad(grad_out, h, offsets, grad_w, left_rows=rows, scale=scale)
+    grad_w = grouped_weight_grad(grad_out, h, offsets, weight.shape[0], left_rows=rows, scale=scale)
     return grad_h, grad_w, grad_scale.to(scale.dtype if scale is not None else h.dtype)
 
 
