@@ -3,12 +3,14 @@
 Parity runs through Dynamo -> prmc passes -> AOT autograd (forward and backward). The full matrix of
 forms uses ``compiler="aot_eager"`` (AOT autograd without Inductor codegen) so that it fits CI's two
 cores; ``test_inductor_*`` run the same check through real Inductor on a block of every distinct
-expert spelling and on full models.
+expert spelling and on a full model. ``PRMC_TEST_COMPILER=inductor`` runs the whole matrix through
+Inductor (about half an hour on two cores).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -26,6 +28,7 @@ BLOCK_FORMS = dict(models.all_block_forms())
 # Forms whose every top-k is an MLP MoE block; JetMoE's attention experts (MoA) are reported, not rewritten.
 MOE_BLOCKS = {name: 2 for name in FORMS}
 REFUSED = {name: 0 for name in FORMS} | {"jetmoe": 2}
+MATRIX_OPTIONS = {"compiler": os.environ.get("PRMC_TEST_COMPILER", "aot_eager")}
 
 
 @pytest.fixture(autouse=True)
@@ -75,7 +78,7 @@ def _refused():
 def test_form_model_matches_eager(name):
     """fp32, two seeds and token counts; (1, 3) tokens leave at least 2 of 8 experts empty."""
     model = FORMS[name](seed=0)
-    compiled = torch.compile(model, backend="prmc", options={"compiler": "aot_eager"})
+    compiled = torch.compile(model, backend="prmc", options=MATRIX_OPTIONS)
     for seed, (batch, seq) in ((0, (2, 8)), (1, (1, 3))):
         _check_parity(model, compiled, models.make_inputs(model, seed=seed, batch=batch, seq=seq), tol=1e-5)
     graphs = prmc.reports()
@@ -103,13 +106,13 @@ def _check_block(name, options, seed):
 
 @pytest.mark.parametrize("name", sorted(BLOCK_FORMS))
 def test_form_block_matches_eager(name):
-    _check_block(name, {"compiler": "aot_eager"}, seed=3)
+    _check_block(name, MATRIX_OPTIONS, seed=3)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "jetmoe", "hand_loop", "hand_dense"])
 def test_bf16_model_matches_eager(family):
     model = models.build(family, dtype=torch.bfloat16)
-    compiled = torch.compile(model, backend="prmc", options={"compiler": "aot_eager"})
+    compiled = torch.compile(model, backend="prmc", options=MATRIX_OPTIONS)
     _check_parity(model, compiled, models.make_inputs(model, seed=5), tol=3e-2)
     assert _rewritten_count() == 2
 
