@@ -36,12 +36,14 @@ class BlockReport:
     def line(self) -> str:
         if not self.rewritten:
             return f"  {self.name}: left as it was: {self.reason}"
-        shape = f"E={self.num_experts} k={self.top_k} H={self.hidden} I={self.intermediate}"
-        extra = ", shared expert kept" if self.shared_expert else ""
-        return (
-            f"  {self.name}: {self.form}, {shape}, routing {self.routing}, {self.activation}{extra} "
-            f"-> {' + '.join(self.rewrites)}"
-        )
+        details = [self.form]
+        if self.num_experts is not None:
+            details.append(f"E={self.num_experts} k={self.top_k} H={self.hidden} I={self.intermediate}")
+        if self.routing:
+            details.append(f"routing {self.routing}")
+        if self.activation:
+            details.append(self.activation + (", shared expert kept" if self.shared_expert else ""))
+        return f"  {self.name}: {', '.join(details)} -> {' + '.join(self.rewrites)}"
 
 
 @dataclasses.dataclass
