@@ -37,7 +37,6 @@ Dynamo's debug wrapper (``_torchdynamo_orig_backend``), ``functools.partial`` an
 
 from __future__ import annotations
 
-import functools
 import sys
 
 import torch
