@@ -1,5 +1,6 @@
 """GPU check of the whole backend: tiny models through ``torch.compile(backend="prmc")`` (Inductor, Triton
-kernels) against eager, forward and every parameter gradient, in bf16 and fp32.
+kernels) against eager, forward and every parameter gradient, in bf16 and fp32, beside stock Inductor's
+own distance from eager.
 
     PYTHONPATH=. python benchmarks/check_backend_gpu.py
 
@@ -35,6 +36,13 @@ def step(model, ids):
     return out.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def worst_error(compiled, ids, ref, ref_grads) -> tuple[str, float]:
+    out, grads = step(compiled, ids)
+    errors = {"output": rel(out, ref)} | {n: rel(grads[n], g) for n, g in ref_grads.items()}
+    worst = max(errors, key=errors.get)
+    return worst, errors[worst]
+
+
 def main() -> int:
     try:
         torch._dynamo.lookup_backend("prmc")
@@ -51,14 +59,17 @@ def main() -> int:
             model = build(seed=0, dtype=dtype).cuda()
             ids = models.make_inputs(model, seed=1, batch=4, seq=64).cuda()
             ref, ref_grads = step(model, ids)
-            out, grads = step(torch.compile(model, backend="prmc"), ids)
-            errors = {"output": rel(out, ref)} | {n: rel(grads[n], g) for n, g in ref_grads.items()}
-            worst = max(errors, key=errors.get)
+            # bf16 under Inductor rounds differently from eager (fp32 intermediates), which can flip near-tied
+            # top-k choices in these tiny models: stock Inductor's own distance from eager is the yardstick.
+            baseline = worst_error(torch.compile(model), ids, ref, ref_grads)[1]
+            torch._dynamo.reset()
+            prmc.reset_reports()
+            worst, error = worst_error(torch.compile(model, backend="prmc"), ids, ref, ref_grads)
             rewritten = sum(len(r.rewritten) for r in prmc.reports())
-            ok = errors[worst] < TOLERANCE[dtype] and rewritten == 2
+            ok = error < max(TOLERANCE[dtype], 2 * baseline) and rewritten == 2
             failed += [] if ok else [f"{name} {dtype}"]
             print(
-                f"{name:26s} {str(dtype):15s} worst rel err {errors[worst]:.1e} ({worst}), "
+                f"{name:26s} {str(dtype):15s} worst rel err {error:.1e} ({worst}); stock Inductor {baseline:.1e}; "
                 f"blocks rewritten {rewritten} {'ok' if ok else 'FAIL'}",
                 flush=True,
             )
