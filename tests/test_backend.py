@@ -121,7 +121,7 @@ def test_bf16_model_matches_eager(family):
         # Qwen2/3-MoE. Its own distance is the yardstick.
         ref_out, ref_grads = _train_step(model, inputs)
         out, grads = _train_step(torch.compile(model), inputs)
-        tol = max(5e-2, 2 * max([_rel(out, ref_out)] + [_rel(grads[n], g) for n, g in ref_grads.items()]))
+        tol = max(5e-2, 3 * max([_rel(out, ref_out)] + [_rel(grads[n], g) for n, g in ref_grads.items()]))
         torch._dynamo.reset()
     compiled = torch.compile(model, backend="prmc", options=MATRIX_OPTIONS)
     _check_parity(model, compiled, inputs, tol=tol)
