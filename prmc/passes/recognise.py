@@ -24,6 +24,7 @@ per routing top-k in the report. The graph itself is not changed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import operator
 import re
@@ -499,7 +500,10 @@ def _recognise_block(gm: GraphModule, topk: Node, order: dict[Node, int], window
             continue
         probe = _Probe(gm, region, x_chain, x, ids, weights, dense, y, num_experts)
         for (gate_up, down, gated, inter), act in itertools.product(interpretations, _activation_candidates(region)):
-            if probe.matches(lambda xx, ii, ww, pv: _lowered(xx, ii, ww, pv, gate_up, down, gated, act, num_experts, dense)):
+            lowered = functools.partial(
+                _lowered, gate_up=gate_up, down=down, gated=gated, activation=act, num_experts=num_experts, dense=dense
+            )
+            if probe.matches(lowered):
                 name = _block_name(topk, y)
                 return MoESpec(
                     name=name,
