@@ -12,7 +12,7 @@ Cases (world 2 and 4 unless noted):
 * compiled (Inductor, fwd+bwd, with the expert_parallel + overlap passes) training: world 2 Mixtral
   chunks 2 and Qwen2-MoE on replicated weights through the lead's lowering (``expert_parallel`` rewrite),
   world 4 skewed DeepSeek-V3 chunks 4;
-* EP x DP (world 4, mesh (dp=2, ep=2)) training, eager and compiled (chunks 2); FSDP2 on the dense parameters + EP (eager);
+* EP x DP (world 4, mesh (dp=2, ep=2)) training, eager and compiled (chunks 2); FSDP2 on the dense parameters + EP (eager, and compiled with prmc at world 2);
 * errors: EP size not dividing E, ranks with different models, ranks compiling different graphs.
 """
 
@@ -234,8 +234,9 @@ def _case_train_dp_ep(rank, world, mesh2d, family, compiled=False, chunks=1):
     return _train_compare(ref, model, mesh2d["ep"], rank, world, dp_mesh=mesh2d["dp"], compiled=fwd)
 
 
-def _case_train_fsdp2_ep(rank, world, mesh, family):
-    """FSDP2 on the dense parameters (same ranks), EP on the experts (ignored by FSDP)."""
+def _case_train_fsdp2_ep(rank, world, mesh, family, compiled=False):
+    """FSDP2 on the dense parameters (same ranks), EP on the experts (ignored by FSDP); eager, or compiled
+    with the prmc backend as a user would."""
     from torch.distributed.fsdp import fully_shard
 
     import prmc.distributed as pd
@@ -247,7 +248,8 @@ def _case_train_fsdp2_ep(rank, world, mesh, family):
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, ignored_params=experts)
     fully_shard(model, mesh=mesh, ignored_params=experts)
-    return _train_compare(ref, model, mesh, rank, world, expert_only=True)
+    fwd = torch.compile(model, backend="prmc", options={"expert_parallel": mesh}) if compiled else None
+    return _train_compare(ref, model, mesh, rank, world, expert_only=True, compiled=fwd)
 
 
 def _case_error_divide(rank, world, mesh):
@@ -304,6 +306,7 @@ def _cases(world):
         cases.append(("compiled-lowered-qwen2_moe-c2", _case_train_replicated_lowered, dict(family="qwen2_moe", chunks=2)))
         cases.append(("error-mismatch-compile", _case_error_mismatch_compile, {}))
         cases.append(("prmc-backend-qwen2_moe-c2", _case_train_prmc_backend, dict(family="qwen2_moe", chunks=2)))
+        cases.append(("compiled-fsdp2-ep-qwen2_moe", _case_train_fsdp2_ep, dict(family="qwen2_moe", compiled=True)))
     if world == 4:
         cases.append(("compiled-deepseek_v3-skew-c4", _case_train_compiled, dict(family="deepseek_v3", chunks=4, skew=True)))
         cases.append(("dp2-ep2-mixtral", _case_train_dp_ep, dict(family="mixtral")))
@@ -437,6 +440,10 @@ def test_ep_times_dp_training(name):
 @pytest.mark.parametrize("world", [2, 4])
 def test_fsdp2_on_dense_params_with_ep(world):
     _result(world, "fsdp2-ep-qwen2_moe")
+
+
+def test_fsdp2_on_dense_params_with_ep_compiled():
+    _result(2, "compiled-fsdp2-ep-qwen2_moe")
 
 
 @pytest.mark.parametrize("world", [2, 4])
