@@ -197,14 +197,18 @@ class ExpertMLP(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-class LoopMoE(nn.Module):
-    """Classic Mixtral form: router -> softmax -> topk -> normalise; loop over experts with where + index_add_."""
+class _HandWrittenMoE(nn.Module):
+    """A router Linear and an ``nn.ModuleList`` of SwiGLU experts; subclasses spell the forward."""
 
     def __init__(self, hidden: int = HIDDEN, inter: int = 48, num_experts: int = 8, top_k: int = 2):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.gate = nn.Linear(hidden, num_experts, bias=False)
         self.experts = nn.ModuleList(ExpertMLP(hidden, inter) for _ in range(num_experts))
+
+
+class LoopMoE(_HandWrittenMoE):
+    """Classic Mixtral form: router -> softmax -> topk -> normalise; loop over experts with where + index_add_."""
 
     def forward(self, hidden_states):
         shape = hidden_states.shape
@@ -220,14 +224,8 @@ class LoopMoE(nn.Module):
         return out.reshape(shape)
 
 
-class DenseMoE(nn.Module):
+class DenseMoE(_HandWrittenMoE):
     """Dense form: every expert runs on every token; a top-k-sparse gate matrix weights the sum."""
-
-    def __init__(self, hidden: int = HIDDEN, inter: int = 48, num_experts: int = 8, top_k: int = 2):
-        super().__init__()
-        self.num_experts, self.top_k = num_experts, top_k
-        self.gate = nn.Linear(hidden, num_experts, bias=False)
-        self.experts = nn.ModuleList(ExpertMLP(hidden, inter) for _ in range(num_experts))
 
     def forward(self, hidden_states):
         shape = hidden_states.shape
