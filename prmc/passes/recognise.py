@@ -153,11 +153,14 @@ def _routing_topks(nodes: list[Node], report) -> list[Node]:
             unrouted.append((k, why))
     routing = []
     for ks in by_router.values():
-        routing += [k for k in ks if not any(o is not k and o in _descendants(k) for o in ks)]
+        for k in ks:
+            after = _descendants(k)
+            if not any(o is not k and o in after for o in ks):
+                routing.append(k)
     for k, why in unrouted:
         # A top-k over group scores (DeepSeek-V3) sits between a router projection and its final top-k.
-        after = _descendants(k)
-        if not any(r in after and proj in _ancestors_until(k, None) for proj, ks in by_router.items() for r in ks):
+        after, before = _descendants(k), _ancestors_until(k, None)
+        if not any(proj in before and any(r in after for r in ks) for proj, ks in by_router.items()):
             report.block(_module_path(k) or f"top-k {k.name}").reason = str(why)
     position = {n: i for i, n in enumerate(nodes)}
     return sorted(routing, key=position.__getitem__)
