@@ -137,13 +137,16 @@ def bench_config(name, tokens, device):
 
 
 def breakdown(name, tokens, device) -> None:
-    """Time each kernel launch of the prmc layer (fwd and bwd) on its own: where the time goes."""
+    """Time each kernel launch of the prmc layer (fwd and bwd) on its own: where the time goes. Lines marked
+    "alt" are the Triton grouped GEMM doing the product CUTLASS does above them (the choice, measured)."""
     import triton
 
-    from prmc.kernels import triton_moe
+    from prmc.kernels import cutlass, triton_moe
     from prmc.kernels.activation_backward import activation_backward
+    from prmc.kernels.combine import combine_rows
+    from prmc.kernels.down_grad_rows import down_grad_rows
+    from prmc.kernels.gather_rows import gather_rows
     from prmc.kernels.grouped_gemm import grouped_gemm
-    from prmc.kernels.weight_grad import grouped_weight_grad
 
     hidden, inter, experts, top_k, hot = CONFIGS[name]
     torch.manual_seed(0)
@@ -157,28 +160,43 @@ def breakdown(name, tokens, device) -> None:
     m = rows.shape[0]
     h, preact = triton_moe.expert_gate_up(x, rows, offsets, w_gate_up, "silu", True)
     grad_out = torch.randn(tokens, hidden, **bf16)
+    grad_out_rows = gather_rows(grad_out, rows)
+    x_rows = gather_rows(x, rows)
+    g = cutlass.row_grouped_mm(grad_out_rows, w_down, offsets)
     dpre = activation_backward(torch.randn(m, inter, **bf16), preact, "silu", True)
-    grad_x32 = torch.zeros(tokens, hidden, device=device, dtype=torch.float32)
-    out32 = torch.zeros(tokens, hidden, device=device, dtype=torch.float32)
+    y = torch.empty(m, hidden, **bf16)
     grad_h = torch.empty_like(h)
     rowdot = torch.zeros(m, device=device, dtype=torch.float32)
     gemm = 2 * m * hidden * inter  # one [M, H] x [H, I] product
     parts = {
-        "gate_up fwd (gather, act)": (lambda: grouped_gemm("gate_up", x, offsets, w_gate_up.transpose(1, 2), preact, n=inter, a_rows=rows, h=h, gated=True), 2 * gemm),
-        "down fwd (scale, scatter)": (lambda: grouped_gemm("scatter", h, offsets, w_down.transpose(1, 2), out32, n=hidden, c_rows=rows, scale=scale), gemm),
-        "down grad_h (gather, rowdot)": (lambda: grouped_gemm("down_grad", grad_out, offsets, w_down, grad_h, n=inter, a_rows=rows, h=h, scale=scale, rowdot=rowdot), gemm),
-        "down grad_w (CUTLASS on sm90 bf16)": (lambda: grouped_weight_grad(grad_out, h, offsets, experts, left_rows=rows, scale=scale), gemm),
+        "sort_by_expert": (lambda: torch.ops.prmc.sort_by_expert(ids, experts), 0),
+        "gate_up fwd (Triton: gather, act)": (lambda: grouped_gemm("gate_up", x, offsets, w_gate_up.transpose(1, 2), preact, n=inter, a_rows=rows, h=h, gated=True), 2 * gemm),
+        "down fwd (CUTLASS)": (lambda: cutlass.row_grouped_mm(h, w_down.transpose(1, 2), offsets), gemm),
+        "  alt down fwd (Triton store)": (lambda: grouped_gemm("store", h, offsets, w_down.transpose(1, 2), y, n=hidden), gemm),
+        "down fwd combine (scale)": (lambda: combine_rows(y, rows, offsets, tokens, scale), 0),
+        "gather grad_out rows": (lambda: gather_rows(grad_out, rows), 0),
+        "down grad_h (CUTLASS)": (lambda: cutlass.row_grouped_mm(grad_out_rows, w_down, offsets), gemm),
+        "  alt down grad_h (Triton gather, rowdot)": (lambda: grouped_gemm("down_grad", grad_out, offsets, w_down, grad_h, n=inter, a_rows=rows, h=h, scale=scale, rowdot=rowdot), gemm),
+        "down_grad_rows (scale, grad_scale)": (lambda: down_grad_rows(g, h, offsets, scale), 0),
+        "down grad_w (CUTLASS)": (lambda: cutlass.k_grouped_mm(grad_out_rows, h, offsets), gemm),
         "act backward": (lambda: activation_backward(grad_h, preact, "silu", True), 0),
-        "gate_up grad_x (scatter)": (lambda: grouped_gemm("scatter", dpre, offsets, w_gate_up, grad_x32, n=hidden, c_rows=rows), 2 * gemm),
-        "gate_up grad_w (CUTLASS on sm90 bf16)": (lambda: grouped_weight_grad(dpre, x, offsets, experts, right_rows=rows), 2 * gemm),
+        "gate_up grad_x (CUTLASS)": (lambda: cutlass.row_grouped_mm(dpre, w_gate_up, offsets), 2 * gemm),
+        "  alt grad_x (Triton store)": (lambda: grouped_gemm("store", dpre, offsets, w_gate_up, y, n=hidden), 2 * gemm),
+        "gate_up grad_x combine": (lambda: combine_rows(y, rows, offsets, tokens), 0),
+        "gather x rows": (lambda: gather_rows(x, rows), 0),
+        "gate_up grad_w (CUTLASS)": (lambda: cutlass.k_grouped_mm(dpre, x_rows, offsets), 2 * gemm),
     }  # fmt: skip
+    total = 0.0
     for part, (fn, flops) in parts.items():
         compiled = fn()
         ms = triton.testing.do_bench(fn, return_mode="median")
+        total += 0.0 if part.startswith("  alt") else ms
         asm = getattr(compiled, "asm", {}) or {}
         mma = "wgmma" if "wgmma" in asm.get("ptx", "") else ("mma" if "mma" in asm.get("ptx", "") else "-")
-        regs = f"regs {getattr(compiled, 'n_regs', '?')} spills {getattr(compiled, 'n_spills', '?')}"
-        print(f"  {name:22s} {part:30s} {ms:8.3f} ms {flops / ms / 1e9:6.0f} TFLOP/s  {mma:5s} {regs}", flush=True)
+        regs = f"regs {getattr(compiled, 'n_regs', '?')} spills {getattr(compiled, 'n_spills', '?')}" if asm else ""
+        rate = f"{flops / ms / 1e9:6.0f} TFLOP/s" if flops else " " * 13
+        print(f"  {name:22s} {part:42s} {ms:8.3f} ms {rate}  {mma:5s} {regs}", flush=True)
+    print(f"  {name:22s} {'sum of the parts used (fwd+bwd)':42s} {total:8.3f} ms", flush=True)
 
 
 def table(data) -> str:

@@ -34,9 +34,10 @@ CASES = {
     "fp32-relu-one-group": Case(40, 32, 24, 4, 1, activation="relu", hot=1),
     "fp16-silu-ungated": Case(31, 40, 24, 6, 3, dtype=torch.float16, gated=False),
     "bf16-gelu_tanh-unrouted-transposed": Case(29, 40, 24, 4, 2, dtype=torch.bfloat16, activation="gelu_tanh", unrouted=3, transposed_weights=True),
+    # the Hopper bf16 composition (torch._grouped_mm, here its CPU implementation, + gather/combine/down_grad_rows)
+    "bf16-silu-cutlass-unrouted-transposed": Case(37, 48, 40, 5, 2, dtype=torch.bfloat16, unrouted=3, transposed_weights=True),
+    "bf16-relu-cutlass-ungated-one-group": Case(40, 32, 24, 4, 1, dtype=torch.bfloat16, activation="relu", gated=False, hot=1),
 }  # fmt: skip
-
-GATHER = "gather_rows"
 
 # fp32 products are exact; half precision pays the interpreter's truncating rounding (see above).
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -45,7 +46,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 @pytest.fixture(scope="module")
 def interpreter_errors() -> dict[str, dict[str, float]]:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    names = [*CASES, GATHER]
+    names = [*CASES, *EXTRA_CHECKS]
     children = [
         subprocess.Popen([sys.executable, __file__, *names[i::2]], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)
@@ -67,25 +68,62 @@ def test_kernels_match_reference(name, interpreter_errors):
     assert not bad, f"{name}: relative errors over {TOLERANCE[case.dtype]:g}: {bad}"
 
 
-def test_gather_rows(interpreter_errors):
-    """The gather (+ routing-weight scale) that feeds CUTLASS's weight gradient on Hopper."""
-    bad = {k: v for k, v in interpreter_errors[GATHER].items() if not v <= TOLERANCE[torch.bfloat16]}
-    assert len(interpreter_errors[GATHER]) == 2 and not bad, interpreter_errors[GATHER]
+@pytest.mark.parametrize("name", ["gather_rows", "combine_rows"])
+def test_row_kernels(name, interpreter_errors):
+    """The gather feeding CUTLASS on Hopper, and the per-token combine (exact sums in fp32 inputs)."""
+    errors = interpreter_errors[name]
+    bad = {k: v for k, v in errors.items() if not v <= TOLERANCE[torch.float32]}
+    assert len(errors) >= 2 and not bad, errors
 
 
 def check_gather_rows() -> dict[str, float]:
     from prmc.kernels.check import rel_err
-    from prmc.kernels.weight_grad import gather_rows
+    from prmc.kernels.gather_rows import gather_rows
 
     src = torch.randn(23, 40, dtype=torch.bfloat16)
     rows = torch.randint(0, 23, (37,))
-    scale = torch.rand(37, dtype=torch.bfloat16)
+    return {"gather": rel_err(gather_rows(src, rows), src[rows]), "empty": float(gather_rows(src, rows[:0]).shape != (0, 40))}
+
+
+def check_combine_rows() -> dict[str, float]:
+    """Tokens with no rows, with more rows than a step of the kernel, unrouted rows; deterministic."""
+    from prmc.kernels.check import rel_err
+    from prmc.kernels.combine import combine_rows
+
+    tokens, m, routed = 13, 50, 44
+    rows = torch.randint(0, tokens, (m,))
+    rows[rows == 3] = 4  # token 3 gets nothing, token 4 more than its share
+    y, scale = torch.randn(m, 33), torch.rand(m) + 0.1
+    offsets = torch.tensor([20, 20, routed], dtype=torch.int32)
+    expected = torch.zeros(tokens, 33, dtype=torch.float64).index_add_(0, rows[:routed], y[:routed].double() * scale[:routed].double()[:, None])
+    out = combine_rows(y, rows, offsets, tokens, scale)
+    unscaled = torch.zeros(tokens, 33, dtype=torch.float64).index_add_(0, rows[:routed], y[:routed].double())
     return {
-        "gather": rel_err(gather_rows(src, rows), src[rows]),
-        "gather+scale": rel_err(gather_rows(src, rows, scale), src[rows].double() * scale.double()[:, None]),
+        "scaled": rel_err(out, expected),
+        "unscaled": rel_err(combine_rows(y, rows, offsets, tokens), unscaled),
+        "bitwise repeatable": float(not torch.equal(out, combine_rows(y, rows, offsets, tokens, scale))),
+        "empty token is zero": out[3].abs().max().item(),
     }
+
+
+EXTRA_CHECKS = {"gather_rows": check_gather_rows, "combine_rows": check_combine_rows}
+
+
+def run_case(name: str) -> dict[str, float]:
+    if name in EXTRA_CHECKS:
+        return EXTRA_CHECKS[name]()
+    if "cutlass" not in name:
+        return check_case(CASES[name], "cpu")
+    from prmc.kernels import cutlass
+
+    takes = cutlass.takes
+    cutlass.takes = lambda *tensors: all(t.dtype == torch.bfloat16 for t in tensors)
+    try:
+        return check_case(CASES[name], "cpu")
+    finally:
+        cutlass.takes = takes
 
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    print(json.dumps({name: check_gather_rows() if name == GATHER else check_case(CASES[name], "cpu") for name in sys.argv[1:]}))
+    print(json.dumps({name: run_case(name) for name in sys.argv[1:]}))

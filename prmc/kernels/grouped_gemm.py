@@ -10,8 +10,8 @@ After routing, the M routed rows are sorted by expert, and ``offsets[e]`` is the
 use                A rows              B[e]                          epilogue
 =================  ==================  ===========================  ============================================
 gate_up forward    x[rows] (gathered)  W_gate_up[e].T  [H, F]        "gate_up":   preact, h = act(gate) * up
-down forward       h                   W_down[e].T     [I, H]        "scatter":   out[rows] += scale * C (atomic)
-gate_up grad_x     d preact            W_gate_up[e]    [F, H]        "scatter":   grad_x[rows] += C (atomic)
+down forward       h                   W_down[e].T     [I, H]        "store":     C (combined by prmc.kernels.combine)
+gate_up grad_x     d preact            W_gate_up[e]    [F, H]        "store":     C (combined likewise)
 down grad_h        grad_out[rows]      W_down[e]       [H, I]        "down_grad": grad_h = scale * C,
                                                                                   grad_scale += rowsum(C * h)
 =================  ==================  ===========================  ============================================
@@ -27,16 +27,16 @@ and works on its tiles while they fall inside the current group. No host sync, n
 empty groups cost nothing, and a last partial tile per group is masked. Within a group the tiles go in
 bands of GROUP row-blocks (see ``swizzle``), so the programs running at one time share B tiles in L2.
 
-Rows at and past ``offsets[-1]`` belong to no expert. Epilogues that write per-row outputs treat them as
-one more group whose tiles store zeros (the reference leaves them zero); the scatter epilogue skips them.
+Rows at and past ``offsets[-1]`` belong to no expert. The epilogues treat them as one more group whose
+tiles store zeros (the reference leaves them zero).
 
 Gated activation (SwiGLU and friends): the weight holds the gate rows first, then the up rows. A program
 owns columns ``j`` of both halves, keeps two accumulators that share each A tile, and the epilogue writes
 ``preact`` (rounded to the output dtype, as the reference does) and ``h = act(gate) * up`` together.
 
-Scatter: several routed rows (one per chosen expert) add into one token row, so the epilogue adds with
-fp32 atomics into an fp32 buffer that the launcher casts afterwards (bf16 atomics would round each of
-the k partial sums). The sum's order varies between runs: the result is not bitwise deterministic.
+The products that go back to token order (down forward, gate_up grad_x) are stored per routed row and
+summed per token by :func:`prmc.kernels.combine.combine_rows`: fp32 atomics from this epilogue were
+measured slower (benchmarks/KERNELS_NOTES.md, v4) and were not deterministic.
 """
 
 from __future__ import annotations
@@ -67,14 +67,14 @@ def _prune(configs, named_args, **kwargs):
     configs=gemm_configs("BLOCK_M", "BLOCK_N"),
     key=["N", "K", "EPILOGUE", "GATED", "GATHER_A"],
     prune_configs_by={"early_config_prune": _prune},
-    reset_to_zero=["c_ptr", "rowdot_ptr"],
+    reset_to_zero=["rowdot_ptr"],
 )
 @triton.heuristics(
     {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0, "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0}
 )
 @triton.jit
 def grouped_gemm_kernel(
-    a_ptr, a_rows_ptr, offsets_ptr, b_ptr, c_ptr, c_rows_ptr, h_ptr, scale_ptr, rowdot_ptr,
+    a_ptr, a_rows_ptr, offsets_ptr, b_ptr, c_ptr, h_ptr, scale_ptr, rowdot_ptr,
     M, N, K, E, NUM_PROGRAMS,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn, stride_hm, stride_hn,
     EPILOGUE: tl.constexpr, GATHER_A: tl.constexpr, HAS_SCALE: tl.constexpr,
@@ -82,14 +82,12 @@ def grouped_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
 ):  # fmt: skip
-    # "scatter" leaves unrouted rows alone; the per-row epilogues zero them as an extra group E.
-    WRITES_TAIL: tl.constexpr = EPILOGUE != "scatter"
     num_n = tl.cdiv(N, BLOCK_N)
     tile = tl.program_id(0)
     first_tile = 0  # id of the current group's first tile
     row_begin = 0
     b_group_ptr = b_ptr  # advanced by stride_be per group: 64-bit pointer arithmetic, no int32 overflow
-    for e in range(E + WRITES_TAIL):
+    for e in range(E + 1):  # group E: the unrouted rows, zeroed
         if e < E:
             row_end = tl.load(offsets_ptr + e)
         else:
@@ -137,12 +135,8 @@ def grouped_gemm_kernel(
                         h = h * up.to(tl.float32)
                     h_ptrs = h_ptr + offs_m64[:, None] * stride_hm + offs_n[None, :] * stride_hn
                     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=out_mask)
-                elif EPILOGUE == "scatter":
-                    if HAS_SCALE:
-                        acc = acc * tl.load(scale_ptr + offs_m, mask=m_mask, other=0.0).to(tl.float32)[:, None]
-                    dst = tl.load(c_rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
-                    dst_ptrs = c_ptr + dst[:, None] * stride_cm + offs_n[None, :] * stride_cn
-                    tl.atomic_add(dst_ptrs, acc, mask=out_mask, sem="relaxed")
+                elif EPILOGUE == "store":
+                    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=out_mask)
                 else:  # "down_grad": acc is grad_out[rows] @ W_down[e], the gradient of the unscaled rows
                     if HAS_SCALE:
                         h_ptrs = h_ptr + offs_m64[:, None] * stride_hm + offs_n[None, :] * stride_hn
@@ -175,7 +169,6 @@ def grouped_gemm(
     *,
     n: int,
     a_rows: torch.Tensor | None = None,
-    c_rows: torch.Tensor | None = None,
     h: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
     rowdot: torch.Tensor | None = None,
@@ -187,7 +180,7 @@ def grouped_gemm(
 
     ``b`` is [E, K, N'] as strides (any view; N' = 2n when gated, the up half after the gate half);
     ``m`` routed rows are ``offsets``' rows (``a_rows.shape[0]`` when gathering, else ``a.shape[0]``).
-    "scatter" and "down_grad" accumulate with atomics: ``c`` (scatter) and ``rowdot`` must be zeroed fp32.
+    "down_grad" adds into ``rowdot`` with atomics: it must be zeroed fp32.
     """
     m = a_rows.shape[0] if a_rows is not None else a.shape[0]
     k = b.shape[1]
@@ -198,8 +191,7 @@ def grouped_gemm(
     if rowdot is None:  # its own stand-in: the autotuner zeroes whatever tensor is passed here
         rowdot = torch.empty(1, device=a.device, dtype=torch.float32)
     return grouped_gemm_kernel[(programs,)](
-        a, a_rows if a_rows is not None else dummy, offsets, b, c,
-        c_rows if c_rows is not None else dummy, h if h is not None else c,
+        a, a_rows if a_rows is not None else dummy, offsets, b, c, h if h is not None else c,
         scale if scale is not None else dummy, rowdot,
         m, n, k, offsets.shape[0], programs,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),

@@ -5,14 +5,17 @@ keeps the reference. The functions are plain launchers too: the interpreter test
 tensors with ``TRITON_INTERPRET=1``.
 
 =========================  ==================================================================================
-op                         kernels
+op                         kernels (CUTLASS: ``torch._grouped_mm`` where cutlass.takes, else the Triton kernel)
 =========================  ==================================================================================
 expert_gate_up             grouped_gemm "gate_up": gather x rows, GEMM with W.T, preact + act(gate) * up
-expert_down                grouped_gemm "scatter": GEMM with W.T, * routing weight, atomic add to token rows
-expert_gate_up_backward    activation_backward -> d preact; grouped_gemm "scatter" (grad_x = d preact @ W,
-                           added to token rows); grouped_weight_grad (d preact.T @ x[rows])
-expert_down_backward       grouped_gemm "down_grad" (grad_h and grad_scale from grad_out[rows] @ W);
-                           grouped_weight_grad ((routing weight * grad_out[rows]).T @ h)
+expert_down                h @ W.T per routed row (CUTLASS | grouped_gemm "store"); combine_rows (* routing
+                           weight, summed per token)
+expert_gate_up_backward    activation_backward -> d preact; d preact @ W per routed row (CUTLASS | "store"),
+                           combine_rows -> grad_x; d preact.T @ x[rows] (gather_rows + CUTLASS | weight_grad)
+expert_down_backward       CUTLASS: gather_rows(grad_out) -> g_out; g = g_out @ W; down_grad_rows (grad_h,
+                           grad_scale, scale * h); grad_W = g_out.T @ (scale * h).
+                           Triton: grouped_gemm "down_grad" (gather, grad_h and grad_scale in the epilogue);
+                           weight_grad (gather and scale on load)
 =========================  ==================================================================================
 
 Inputs outside what the kernels take (fp64, mixed dtypes, indices not int64/int32) fall back to the
@@ -24,11 +27,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from prmc.kernels import reference
+from prmc.kernels import cutlass, reference
 from prmc.kernels._triton_common import KERNEL_DTYPES
 from prmc.kernels.activation_backward import activation_backward
+from prmc.kernels.combine import combine_rows
+from prmc.kernels.down_grad_rows import down_grad_rows
+from prmc.kernels.gather_rows import gather_rows
 from prmc.kernels.grouped_gemm import grouped_gemm
-from prmc.kernels.weight_grad import grouped_weight_grad
+from prmc.kernels.weight_grad import weight_grad
 
 
 def _kernels_take(*tensors: Tensor | None) -> bool:
@@ -37,9 +43,13 @@ def _kernels_take(*tensors: Tensor | None) -> bool:
     return len(dtypes) == 1 and dtypes.pop() in KERNEL_DTYPES
 
 
-def _scatter_target(num_rows: int, cols: int, device: torch.device) -> Tensor:
-    """Zeroed fp32 buffer for the atomic scatter-add; the caller casts it (no copy when fp32)."""
-    return torch.zeros(num_rows, cols, device=device, dtype=torch.float32)
+def _per_row_product(a: Tensor, offsets: Tensor, b: Tensor) -> Tensor:
+    """``a[r] @ b[e(r)]`` for every routed row r: [M, N]; rows past ``offsets[-1]`` are not to be read."""
+    if a.shape[0] and cutlass.takes(a, b):
+        return cutlass.row_grouped_mm(a, b, offsets)
+    c = a.new_empty(a.shape[0], b.shape[2])
+    grouped_gemm("store", a, offsets, b, c, n=b.shape[2])
+    return c
 
 
 def expert_gate_up(
@@ -72,21 +82,20 @@ def expert_gate_up_backward(
         return reference.expert_gate_up_backward(grad_h, x, rows, offsets, weight, preact, activation, gated)
     offsets, rows = offsets.int(), rows.contiguous()
     dpre = activation_backward(grad_h, preact, activation, gated)
-    grad_x = _scatter_target(x.shape[0], x.shape[1], x.device)
-    grouped_gemm("scatter", dpre, offsets, weight, grad_x, n=x.shape[1], c_rows=rows)
-    grad_w = grouped_weight_grad(dpre, x, offsets, weight.shape[0], right_rows=rows)
-    return grad_x.to(x.dtype), grad_w
+    grad_x = combine_rows(_per_row_product(dpre, offsets, weight), rows, offsets, x.shape[0])
+    if rows.shape[0] and cutlass.takes(dpre, x):
+        grad_w = cutlass.k_grouped_mm(dpre, gather_rows(x, rows), offsets)
+    else:
+        grad_w = weight.new_empty(weight.shape)
+        weight_grad(dpre, x, offsets, grad_w, right_rows=rows)
+    return grad_x, grad_w
 
 
 def expert_down(h: Tensor, offsets: Tensor, weight: Tensor, rows: Tensor, scale: Tensor | None, num_rows: int) -> Tensor:
     if not _kernels_take(h, weight):
         return reference.expert_down(h, offsets, weight, rows, scale, num_rows)
-    out = _scatter_target(num_rows, weight.shape[1], h.device)
-    grouped_gemm(
-        "scatter", h, offsets.int(), weight.transpose(1, 2), out,
-        n=weight.shape[1], c_rows=rows.contiguous(), scale=scale.contiguous() if scale is not None else None,
-    )  # fmt: skip
-    return out.to(h.dtype)
+    offsets = offsets.int()
+    return combine_rows(_per_row_product(h, offsets, weight.transpose(1, 2)), rows, offsets, num_rows, scale)
 
 
 def expert_down_backward(
@@ -96,13 +105,21 @@ def expert_down_backward(
         return reference.expert_down_backward(grad_out, h, offsets, weight, rows, scale)
     offsets, rows = offsets.int(), rows.contiguous()
     scale = scale.contiguous() if scale is not None else None
+    if rows.shape[0] and cutlass.takes(grad_out, h, weight):
+        h = h.contiguous()
+        grad_out_rows = gather_rows(grad_out, rows)
+        g = cutlass.row_grouped_mm(grad_out_rows, weight, offsets)
+        grad_h, grad_scale, scaled_h = down_grad_rows(g, h, offsets, scale)
+        grad_w = cutlass.k_grouped_mm(grad_out_rows, scaled_h if scale is not None else h, offsets)
+        return grad_h, grad_w, grad_scale if scale is not None else h.new_zeros(0)
     grad_h = torch.empty_like(h, memory_format=torch.contiguous_format)
     grad_scale = torch.zeros(h.shape[0] if scale is not None else 0, device=h.device, dtype=torch.float32)
     grouped_gemm(
         "down_grad", grad_out, offsets, weight, grad_h, n=h.shape[1], a_rows=rows, h=h, scale=scale,
         rowdot=grad_scale if scale is not None else None,
     )  # fmt: skip
-    grad_w = grouped_weight_grad(grad_out, h, offsets, weight.shape[0], left_rows=rows, scale=scale)
+    grad_w = weight.new_empty(weight.shape)
+    weight_grad(grad_out, h, offsets, grad_w, left_rows=rows, scale=scale)
     return grad_h, grad_w, grad_scale.to(scale.dtype if scale is not None else h.dtype)
 
 

@@ -20,11 +20,10 @@ to free multiprocessors as they come. Each program walks its group's rows BLOCK_
 the group's end are masked to zero (they belong to the next expert). The gathers and the routing-weight
 scale happen on the tile as it is loaded, so neither a permuted copy nor a scaled copy is written.
 
-On Hopper in bf16, ``grouped_weight_grad`` uses CUTLASS (``torch._grouped_mm``, K-grouped) instead, on a
-materialised gathered (and scaled) operand: measured on an H100 (benchmarks/KERNELS_NOTES.md, v3), the
-gather costs 0.16-0.19 ms at 8192 tokens and CUTLASS's grouped GEMM runs at 480-650 TFLOP/s where this
-kernel, best tile of a 12-config sweep, runs at 250-410, so the pair wins on every config measured
-(Qwen3 gate_up 1.22 -> ~1.0 ms, Mixtral gate_up 9.3 -> 6.6 ms, down 6.5 -> ~3.2 ms).
+On Hopper in bf16 the layer uses CUTLASS's K-grouped GEMM instead (:mod:`prmc.kernels.cutlass`), on a
+materialised gathered operand: measured on an H100 (benchmarks/KERNELS_NOTES.md, v3), this kernel, best
+tile of a 12-config sweep, runs at 250-410 TFLOP/s where CUTLASS runs at 480-650, and the gather costs
+0.1-0.2 ms at 8192 tokens. This kernel serves the other dtypes and devices.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from prmc.kernels._triton_common import INTERPRET, fp32_dot, gemm_configs, group_start, load_tile, mma, swizzle
+from prmc.kernels._triton_common import fp32_dot, gemm_configs, group_start, load_tile, mma, swizzle
 
 
 @triton.autotune(configs=gemm_configs("BLOCK_P", "BLOCK_Q"), key=["P", "Q", "GATHER_L", "GATHER_R", "HAS_SCALE"])
@@ -112,78 +111,6 @@ def weight_grad(
         GATHER_L=left_rows is not None, GATHER_R=right_rows is not None, HAS_SCALE=scale is not None,
         FP32_DOT=fp32_dot(left.dtype),
     )  # fmt: skip
-
-
-@triton.jit
-def gather_rows_kernel(
-    src_ptr, rows_ptr, scale_ptr, out_ptr, M, N, stride_s, stride_o,
-    HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """``out[r] = scale[r] * src[rows[r]]`` in one pass (index_select then a multiply is two, 0.5 vs 0.17 ms
-    at Qwen3 sizes), rounded like the Triton kernel's scaled tile."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    mask = m_ok[:, None] & (offs_n < N)[None, :]
-    rows = tl.load(rows_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
-    tile = tl.load(src_ptr + rows[:, None] * stride_s + offs_n[None, :], mask=mask, other=0.0)
-    if HAS_SCALE:
-        tile = tile.to(tl.float32) * tl.load(scale_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)[:, None]
-    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_o + offs_n[None, :], tile.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def gather_rows(src: torch.Tensor, rows: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``src[rows] * scale[:, None]`` ([M, N], contiguous) without the intermediate copy."""
-    src = src.contiguous()
-    m, n = rows.shape[0], src.shape[1]
-    out = src.new_empty(m, n)
-    block_m, block_n = (16, 16) if INTERPRET else (32, 256)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    gather_rows_kernel[grid](
-        src, rows, scale if scale is not None else rows, out, m, n, src.stride(0), out.stride(0),
-        HAS_SCALE=scale is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
-    )  # fmt: skip
-    return out
-
-
-def _cutlass_takes(left: torch.Tensor, p: int, q: int) -> bool:
-    """Where ``torch._grouped_mm`` measured faster: Hopper, bf16 (its sm90 CUTLASS path), and the
-    16-byte-aligned strides it requires."""
-    return (
-        not INTERPRET
-        and left.is_cuda
-        and left.dtype == torch.bfloat16
-        and hasattr(torch, "_grouped_mm")
-        and torch.cuda.get_device_capability(left.device) == (9, 0)
-        and p % 8 == 0
-        and q % 8 == 0
-    )
-
-
-def grouped_weight_grad(
-    left: torch.Tensor,
-    right: torch.Tensor,
-    offsets: torch.Tensor,
-    experts: int,
-    *,
-    left_rows: torch.Tensor | None = None,
-    right_rows: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The [E, P, Q] weight gradient of ``weight_grad``, by CUTLASS where it is faster, else the Triton kernel."""
-    p, q = left.shape[1], right.shape[1]
-    if _cutlass_takes(left, p, q):
-        if left_rows is not None:
-            left = gather_rows(left, left_rows, scale)
-        elif scale is not None:
-            left = (left.float() * scale.float()[:, None]).to(left.dtype)
-        if right_rows is not None:
-            right = gather_rows(right, right_rows)
-        # [P, M] column-major times [M, Q] row-major, groups along M: the layouts CUTLASS's sm90 path takes.
-        return torch._grouped_mm(left.contiguous().t(), right.contiguous(), offs=offsets, out_dtype=left.dtype)
-    out = left.new_empty(experts, p, q)
-    weight_grad(left, right, offsets, out, left_rows=left_rows, right_rows=right_rows, scale=scale)
-    return out
 
 
 if __name__ == "__main__":
