@@ -25,11 +25,12 @@ def _cutlass_layout(t: torch.Tensor) -> bool:
 
 
 def takes(*tensors: torch.Tensor) -> bool:
-    """Whether these operands get CUTLASS: CUDA sm90, all bf16, layouts its sm90 path accepts."""
+    """Whether these operands get CUTLASS: non-empty, CUDA sm90, all bf16, layouts its sm90 path accepts."""
     first = tensors[0]
     return (
         not INTERPRET
         and first.is_cuda
+        and all(t.numel() for t in tensors)
         and hasattr(torch, "_grouped_mm")
         and all(t.dtype == torch.bfloat16 for t in tensors)
         and torch.cuda.get_device_capability(first.device) == (9, 0)

@@ -45,7 +45,7 @@ def _kernels_take(*tensors: Tensor | None) -> bool:
 
 def _per_row_product(a: Tensor, offsets: Tensor, b: Tensor) -> Tensor:
     """``a[r] @ b[e(r)]`` for every routed row r: [M, N]; rows past ``offsets[-1]`` are not to be read."""
-    if a.shape[0] and cutlass.takes(a, b):
+    if cutlass.takes(a, b):
         return cutlass.row_grouped_mm(a, b, offsets)
     c = a.new_empty(a.shape[0], b.shape[2])
     grouped_gemm("store", a, offsets, b, c, n=b.shape[2])
@@ -83,7 +83,7 @@ def expert_gate_up_backward(
     offsets, rows = offsets.int(), rows.contiguous()
     dpre = activation_backward(grad_h, preact, activation, gated)
     grad_x = combine_rows(_per_row_product(dpre, offsets, weight), rows, offsets, x.shape[0])
-    if rows.shape[0] and cutlass.takes(dpre, x):
+    if cutlass.takes(dpre, x):
         grad_w = cutlass.k_grouped_mm(dpre, gather_rows(x, rows), offsets)
     else:
         grad_w = weight.new_empty(weight.shape)
@@ -105,7 +105,7 @@ def expert_down_backward(
         return reference.expert_down_backward(grad_out, h, offsets, weight, rows, scale)
     offsets, rows = offsets.int(), rows.contiguous()
     scale = scale.contiguous() if scale is not None else None
-    if rows.shape[0] and cutlass.takes(grad_out, h, weight):
+    if cutlass.takes(grad_out, h, weight):
         h = h.contiguous()
         grad_out_rows = gather_rows(grad_out, rows)
         g = cutlass.row_grouped_mm(grad_out_rows, weight, offsets)

@@ -114,7 +114,7 @@ def _ancestors(n: Node, within: set) -> set:
 
 def schedule(graph: Graph) -> dict:
     """Reorder ``graph`` in place (see module doc). Returns counts of what moved (for tests and logs)."""
-    stats = {"a2a": 0, "moved_compute": 0, "sunk_waits": 0}
+    stats = {"a2a": 0, "moved_compute": 0, "sunk_waits": 0, "hoisted_compute": 0}
     a2as = [n for n in graph.nodes if n.op == "call_function" and n.target in _A2A]
     if not a2as:
         return stats
@@ -169,10 +169,8 @@ def schedule(graph: Graph) -> dict:
             if pos[first] - 1 > pos[w]:
                 first.prepend(w)
                 stats["sunk_waits"] += 1
-                sunk.append((a, w))
-            stats["hoisted_compute"] = stats.get("hoisted_compute", 0) + _hoist_above_wait(w)
-            if w not in [x for _, x in sunk]:
-                sunk.append((a, w))
+            stats["hoisted_compute"] += _hoist_above_wait(w)
+            sunk.append((a, w))
     # 4. pin the waits behind the compute placed before them: Inductor's scheduler (reorder_for_peak_memory)
     #    would otherwise pull each wait up to its collective
     deps = {}
