@@ -38,7 +38,7 @@ def check_ops_autograd(tokens=2048, hidden=1024, inter=768, experts=16, top_k=4)
     w1 = torch.randn(experts, 2 * inter, hidden, device=dev) / hidden**0.5
     w2 = torch.randn(experts, hidden, inter, device=dev) / inter**0.5
     weights = torch.rand(tokens * top_k, device=dev)
-    rows, offsets = random_routing(tokens, experts, top_k, dev)
+    order, offsets = random_routing(tokens, experts, top_k, dev)
     grad_out = torch.randn(tokens, hidden, device=dev)
 
     results = []
@@ -47,8 +47,8 @@ def check_ops_autograd(tokens=2048, hidden=1024, inter=768, experts=16, top_k=4)
         (reference.expert_gate_up, reference.expert_down, torch.float64),
     ]:
         inputs = [t.to(dtype).requires_grad_() for t in (x, w1, w2, weights)]
-        h, _ = gate_up(inputs[0], rows, offsets, inputs[1], "silu", True)
-        out = down(h, offsets, inputs[2], rows, inputs[3], tokens)
+        h, _ = gate_up(inputs[0], order, top_k, offsets, inputs[1], "silu", True)
+        out = down(h, offsets, inputs[2], order, top_k, inputs[3])
         grads = torch.autograd.grad(out, inputs, grad_out.to(dtype))
         results.append((out, *grads))
     names = ["out", "grad_x", "grad_w_gate_up", "grad_w_down", "grad_scale"]

@@ -50,10 +50,10 @@ def make_routing(tokens, experts, top_k, hot, device):
 
 
 def prmc_experts(x, ids, weights, w_gate_up, w_down):
+    top_k = ids.shape[1]
     order, _, offsets = torch.ops.prmc.sort_by_expert(ids, w_gate_up.shape[0])
-    rows = order // ids.shape[1]
-    h, _ = torch.ops.prmc.expert_gate_up(x, rows, offsets, w_gate_up, "silu", True)
-    return torch.ops.prmc.expert_down(h, offsets, w_down, rows, weights.reshape(-1)[order], x.shape[0])
+    h, _ = torch.ops.prmc.expert_gate_up(x, order, top_k, offsets, w_gate_up, "silu", True)
+    return torch.ops.prmc.expert_down(h, offsets, w_down, order, top_k, weights.reshape(-1)[order])
 
 
 def transformers_experts(hidden, inter, experts, top_k, implementation):
@@ -158,7 +158,7 @@ def breakdown(name, tokens, device) -> None:
     order, _, offsets = torch.ops.prmc.sort_by_expert(ids, experts)
     rows, scale = order // top_k, weights.reshape(-1)[order]
     m = rows.shape[0]
-    h, preact = triton_moe.expert_gate_up(x, rows, offsets, w_gate_up, "silu", True)
+    h, preact = triton_moe.expert_gate_up(x, order, top_k, offsets, w_gate_up, "silu", True)
     grad_out = torch.randn(tokens, hidden, **bf16)
     grad_out_rows = gather_rows(grad_out, rows)
     x_rows = gather_rows(x, rows)
@@ -173,7 +173,7 @@ def breakdown(name, tokens, device) -> None:
         "gate_up fwd (Triton: gather, act)": (lambda: grouped_gemm("gate_up", x, offsets, w_gate_up.transpose(1, 2), preact, n=inter, a_rows=rows, h=h, gated=True), 2 * gemm),
         "down fwd (CUTLASS)": (lambda: cutlass.row_grouped_mm(h, w_down.transpose(1, 2), offsets), gemm),
         "  alt down fwd (Triton store)": (lambda: grouped_gemm("store", h, offsets, w_down.transpose(1, 2), y, n=hidden), gemm),
-        "down fwd combine (scale)": (lambda: combine_rows(y, rows, offsets, tokens, scale), 0),
+        "down fwd combine (scale)": (lambda: combine_rows(y, order, top_k, offsets, scale), 0),
         "gather grad_out rows": (lambda: gather_rows(grad_out, rows), 0),
         "down grad_h (CUTLASS)": (lambda: cutlass.row_grouped_mm(grad_out_rows, w_down, offsets), gemm),
         "  alt down grad_h (Triton gather, rowdot)": (lambda: grouped_gemm("down_grad", grad_out, offsets, w_down, grad_h, n=inter, a_rows=rows, h=h, scale=scale, rowdot=rowdot), gemm),
@@ -182,7 +182,7 @@ def breakdown(name, tokens, device) -> None:
         "act backward": (lambda: activation_backward(grad_h, preact, "silu", True), 0),
         "gate_up grad_x (CUTLASS)": (lambda: cutlass.row_grouped_mm(dpre, w_gate_up, offsets), 2 * gemm),
         "  alt grad_x (Triton store)": (lambda: grouped_gemm("store", dpre, offsets, w_gate_up, y, n=hidden), 2 * gemm),
-        "gate_up grad_x combine": (lambda: combine_rows(y, rows, offsets, tokens), 0),
+        "gate_up grad_x combine": (lambda: combine_rows(y, order, top_k, offsets), 0),
         "gather x rows": (lambda: gather_rows(x, rows), 0),
         "gate_up grad_w (CUTLASS)": (lambda: cutlass.k_grouped_mm(dpre, x_rows, offsets), 2 * gemm),
     }  # fmt: skip
@@ -197,6 +197,64 @@ def breakdown(name, tokens, device) -> None:
         rate = f"{flops / ms / 1e9:6.0f} TFLOP/s" if flops else " " * 13
         print(f"  {name:22s} {part:42s} {ms:8.3f} ms {rate}  {mma:5s} {regs}", flush=True)
     print(f"  {name:22s} {'sum of the parts used (fwd+bwd)':42s} {total:8.3f} ms", flush=True)
+
+
+def profile(name, tokens, device) -> None:
+    """One prmc fwd+bwd step under torch.profiler: GPU time per kernel, and the GPU's idle share of the step
+    (launch gaps the per-kernel breakdown cannot see)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    hidden, inter, experts, top_k, hot = CONFIGS[name]
+    torch.manual_seed(0)
+    bf16 = dict(device=device, dtype=torch.bfloat16)
+    x = torch.randn(tokens, hidden, **bf16, requires_grad=True)
+    w_gate_up = (torch.randn(experts, 2 * inter, hidden, **bf16) * hidden**-0.5).requires_grad_()
+    w_down = (torch.randn(experts, hidden, inter, **bf16) * inter**-0.5).requires_grad_()
+    ids, weights = make_routing(tokens, experts, top_k, hot, device)
+    weights.requires_grad_()
+    grad_out = torch.randn(tokens, hidden, **bf16)
+    params = [x, weights, w_gate_up, w_down]
+
+    def step():
+        for p in params:
+            p.grad = None
+        prmc_experts(x, ids, weights, w_gate_up, w_down).backward(grad_out)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    steps = 5
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    issued = time.perf_counter()
+    torch.cuda.synchronize()
+    done = time.perf_counter()
+    print(f"  {name:22s} host: {(issued - start) / steps * 1e3:.3f} ms per step to issue, "
+          f"{(done - start) / steps * 1e3:.3f} ms per step to finish", flush=True)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as cpu_prof:
+        step()
+        torch.cuda.synchronize()
+    print(cpu_prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0]
+    per_kernel: dict[str, float] = {}
+    for e in kernels:
+        per_kernel[e.name] = per_kernel.get(e.name, 0.0) + e.device_time / 1e3 / steps
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy, end = 0.0, float("-inf")
+    for s, t in spans:
+        busy += max(0.0, t - max(s, end))
+        end = max(end, t)
+    window = (spans[-1][1] - spans[0][0]) / 1e3 / steps
+    for kname, ms in sorted(per_kernel.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:22s} {ms:8.3f} ms  {kname[:110]}", flush=True)
+    print(f"  {name:22s} step {window:.3f} ms, GPU busy {busy / 1e3 / steps:.3f} ms, "
+          f"{len(kernels) // steps} kernels per step", flush=True)
 
 
 def table(data) -> str:
@@ -268,6 +326,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--plot", help="rewrite the table and plot from a saved moe_layer.json")
     parser.add_argument("--breakdown", action="store_true", help="time each prmc kernel on its own instead")
+    parser.add_argument("--profile", action="store_true", help="profile one prmc fwd+bwd step instead")
     args = parser.parse_args()
     if args.plot:
         with open(args.plot) as f:
@@ -280,9 +339,9 @@ def main() -> None:
     import prmc  # noqa: F401  (registers torch.ops.prmc.* and their CUDA kernels)
 
     device = torch.device("cuda")
-    if args.breakdown:
+    if args.breakdown or args.profile:
         for name in args.configs.split(","):
-            breakdown(name, args.tokens, device)
+            (breakdown if args.breakdown else profile)(name, args.tokens, device)
         return
     os.makedirs(args.out, exist_ok=True)
     data = {

@@ -86,23 +86,29 @@ def check_gather_rows() -> dict[str, float]:
 
 
 def check_combine_rows() -> dict[str, float]:
-    """Tokens with no rows, with more rows than a step of the kernel, unrouted rows; deterministic."""
+    """A random permutation of the slots, unrouted rows (a token with all its rows unrouted gets zero),
+    top-1 (the expert-parallel un-permute); deterministic."""
     from prmc.kernels.check import rel_err
     from prmc.kernels.combine import combine_rows
 
-    tokens, m, routed = 13, 50, 44
-    rows = torch.randint(0, tokens, (m,))
-    rows[rows == 3] = 4  # token 3 gets nothing, token 4 more than its share
+    tokens, top_k = 13, 4
+    m, routed = tokens * top_k, (tokens - 1) * top_k
+    slots = torch.randperm(m)
+    order = torch.cat([slots[slots // top_k != 3], torch.arange(3 * top_k, 4 * top_k)])  # token 3: unrouted
     y, scale = torch.randn(m, 33), torch.rand(m) + 0.1
-    offsets = torch.tensor([20, 20, routed], dtype=torch.int32)
-    expected = torch.zeros(tokens, 33, dtype=torch.float64).index_add_(0, rows[:routed], y[:routed].double() * scale[:routed].double()[:, None])
-    out = combine_rows(y, rows, offsets, tokens, scale)
-    unscaled = torch.zeros(tokens, 33, dtype=torch.float64).index_add_(0, rows[:routed], y[:routed].double())
+    offsets = torch.tensor([20, 20, routed], dtype=torch.int32)  # an empty group
+
+    def expected(k, s):
+        contrib = y[:routed].double() * (s[:routed].double()[:, None] if s is not None else 1.0)
+        return torch.zeros(m // k, 33, dtype=torch.float64).index_add_(0, order[:routed] // k, contrib)
+
+    out = combine_rows(y, order, top_k, offsets, scale)
     return {
-        "scaled": rel_err(out, expected),
-        "unscaled": rel_err(combine_rows(y, rows, offsets, tokens), unscaled),
-        "bitwise repeatable": float(not torch.equal(out, combine_rows(y, rows, offsets, tokens, scale))),
-        "empty token is zero": out[3].abs().max().item(),
+        "scaled": rel_err(out, expected(top_k, scale)),
+        "unscaled": rel_err(combine_rows(y, order, top_k, offsets), expected(top_k, None)),
+        "top-1": rel_err(combine_rows(y, order, 1, offsets, scale), expected(1, scale)),
+        "bitwise repeatable": float(not torch.equal(out, combine_rows(y, order, top_k, offsets, scale))),
+        "unrouted token is zero": out[3].abs().max().item(),
     }
 
 

@@ -170,8 +170,8 @@ def _local_experts(state: EPState, ch: _Chunk, w13: Tensor, w2: Tensor, activati
     seg = torch.searchsorted(bounds, pos, right=True)
     local_ids = (seg % el).view(-1, 1)
     lorder, _, loffsets = torch.ops.prmc.sort_by_expert(local_ids, el)
-    h, _ = torch.ops.prmc.expert_gate_up(recv, lorder, loffsets, w13, activation, gated)
-    return torch.ops.prmc.expert_down(h, loffsets, w2, lorder, None, ch.n_recv)
+    h, _ = torch.ops.prmc.expert_gate_up(recv, lorder, 1, loffsets, w13, activation, gated)
+    return torch.ops.prmc.expert_down(h, loffsets, w2, lorder, 1, None)
 
 
 def ep_finish(state: EPState, w13: Tensor, w2: Tensor, activation: str, gated: bool) -> Tensor:

@@ -26,7 +26,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def random_routing(
     tokens: int, experts: int, top_k: int, device, *, hot: int = 0, unrouted: int = 0, seed: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows [T*K - unrouted] int64, offsets [E] int32) of a random top-k routing, rows sorted by expert.
+    """(order [T*K] int64, offsets [E] int32) of a random top-k routing: ``sort_by_expert``'s permutation.
 
     ``hot``: that many experts (at the end of the list) take ~90% of the choices, the rest share ~10%,
     and the first expert gets none (an empty group). ``unrouted``: that many routed rows are dropped from
@@ -39,7 +39,6 @@ def random_routing(
         logits[:, 0] = -1.0
     expert_ids = logits.topk(top_k, dim=-1).indices.to(device)
     order, counts, _ = reference.sort_by_expert(expert_ids, experts)
-    rows = order // top_k
     if unrouted:
         counts = counts.clone()
         drop = unrouted
@@ -48,7 +47,7 @@ def random_routing(
             counts[e] -= take
             drop -= take
     offsets = torch.cumsum(counts, 0).to(torch.int32)
-    return rows, offsets
+    return order, offsets
 
 
 @dataclass
@@ -71,10 +70,11 @@ def check_case(case: Case, device) -> dict[str, float]:
     from prmc.kernels import triton_moe
 
     dev = torch.device(device)
-    rows, offsets = random_routing(
+    order, offsets = random_routing(
         case.tokens, case.experts, case.top_k, dev, hot=case.hot, unrouted=case.unrouted
     )  # fmt: skip
-    m, f = rows.shape[0], (2 if case.gated else 1) * case.inter
+    k = case.top_k
+    m, f = order.shape[0], (2 if case.gated else 1) * case.inter
 
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, device=dev) * scale).to(case.dtype)
@@ -94,25 +94,27 @@ def check_case(case: Case, device) -> dict[str, float]:
         return t.double() if t is not None else None
 
     errors = {}
-    h, preact = triton_moe.expert_gate_up(x, rows, offsets, w_gate_up, case.activation, case.gated)
-    h_ref, preact_ref = reference.expert_gate_up(d(x), rows, offsets, d(w_gate_up), case.activation, case.gated)
+    h, preact = triton_moe.expert_gate_up(x, order, k, offsets, w_gate_up, case.activation, case.gated)
+    h_ref, preact_ref = reference.expert_gate_up(d(x), order, k, offsets, d(w_gate_up), case.activation, case.gated)
     errors["gate_up.h"] = rel_err(h, h_ref)
     errors["gate_up.preact"] = rel_err(preact, preact_ref)
 
     # Backward ops take the kernel's preact (rounded as the op saves it) so both sides see one input.
-    gx, gw = triton_moe.expert_gate_up_backward(grad_h, x, rows, offsets, w_gate_up, preact, case.activation, case.gated)
+    gx, gw = triton_moe.expert_gate_up_backward(
+        grad_h, x, order, k, offsets, w_gate_up, preact, case.activation, case.gated
+    )  # fmt: skip
     gx_ref, gw_ref = reference.expert_gate_up_backward(
-        d(grad_h), d(x), rows, offsets, d(w_gate_up), d(preact), case.activation, case.gated
+        d(grad_h), d(x), order, k, offsets, d(w_gate_up), d(preact), case.activation, case.gated
     )  # fmt: skip
     errors["gate_up_backward.grad_x"] = rel_err(gx, gx_ref)
     errors["gate_up_backward.grad_w"] = rel_err(gw, gw_ref)
 
     for name, s in [("scaled", scale), ("unscaled", None)]:
-        out = triton_moe.expert_down(h, offsets, w_down, rows, s, case.tokens)
-        out_ref = reference.expert_down(d(h), offsets, d(w_down), rows, d(s), case.tokens)
+        out = triton_moe.expert_down(h, offsets, w_down, order, k, s)
+        out_ref = reference.expert_down(d(h), offsets, d(w_down), order, k, d(s))
         errors[f"down.{name}.out"] = rel_err(out, out_ref)
-        gh, gwd, gs = triton_moe.expert_down_backward(grad_out, h, offsets, w_down, rows, s)
-        gh_ref, gwd_ref, gs_ref = reference.expert_down_backward(d(grad_out), d(h), offsets, d(w_down), rows, d(s))
+        gh, gwd, gs = triton_moe.expert_down_backward(grad_out, h, offsets, w_down, order, k, s)
+        gh_ref, gwd_ref, gs_ref = reference.expert_down_backward(d(grad_out), d(h), offsets, d(w_down), order, k, d(s))
         errors[f"down_backward.{name}.grad_h"] = rel_err(gh, gh_ref)
         errors[f"down_backward.{name}.grad_w"] = rel_err(gwd, gwd_ref)
         if s is not None:

@@ -11,11 +11,11 @@ and the gradient of the tokens at 356 (benchmarks/KERNELS_NOTES.md). So the GEMM
 are (half precision, the plain "store" epilogue of :mod:`prmc.kernels.grouped_gemm`) and this kernel
 gathers them back: one program per (token, column block) reads the token's rows and sums them in fp32.
 
-The token -> rows map is the inverse of ``rows`` (the token of each sorted row), built on the device by a
-stable sort of ``rows`` and a search for each token's first row (``reference.sort_runs``): no host sync. Each token's rows are
-summed in sorted-row order, so the result is bitwise deterministic (the atomics' was not). Rows at and past
-``offsets[-1]`` belong to no expert and are skipped (their ``y`` is never read), as are tokens no expert
-was given (their output row is zero).
+Each token's rows are read through the inverse of ``order`` (sort_by_expert's permutation, slot
+``t * top_k + k`` of each sorted row): token t's rows are ``inverse[t * top_k : (t + 1) * top_k]``, one
+index_put on the device, no sort and no host sync. They are summed in slot order, so the result is bitwise
+deterministic (the atomics' was not). Rows at and past ``offsets[-1]`` belong to no expert and are skipped
+(their ``y`` is never read); a token all of whose rows are unrouted gets a zero row.
 """
 
 from __future__ import annotations
@@ -25,24 +25,21 @@ import triton
 import triton.language as tl
 
 from prmc.kernels._triton_common import INTERPRET
-from prmc.kernels.reference import sort_runs
 
 
 @triton.jit
 def combine_rows_kernel(
-    y_ptr, order_ptr, bounds_ptr, scale_ptr, offsets_ptr, out_ptr,
-    N, E, stride_y, stride_out,
+    y_ptr, inverse_ptr, scale_ptr, offsets_ptr, out_ptr,
+    N, E, TOP_K, stride_y, stride_out,
     HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     token = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     routed_end = tl.load(offsets_ptr + E - 1)
-    begin = tl.load(bounds_ptr + token)
-    end = tl.load(bounds_ptr + token + 1)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for j in range(begin, end):
-        row = tl.load(order_ptr + j)
+    for j in range(TOP_K):
+        row = tl.load(inverse_ptr + token.to(tl.int64) * TOP_K + j)
         if row < routed_end:
             y = tl.load(y_ptr + row * stride_y + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             if HAS_SCALE:
@@ -51,15 +48,23 @@ def combine_rows_kernel(
     tl.store(out_ptr + token.to(tl.int64) * stride_out + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
-def combine_rows(
-    y: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, num_rows: int, scale: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``out[t] = sum_{r < offsets[-1], rows[r] = t} scale[r] * y[r]``: [num_rows, N] in ``y``'s dtype.
+def invert_permutation(order: torch.Tensor) -> torch.Tensor:
+    """``inverse[order[r]] = r``: [M] int64."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.shape[0], device=order.device, dtype=order.dtype)
+    return inverse
 
-    ``y`` [M, N] (unit column stride), ``rows`` [M] int64 token ids, ``offsets`` [E] int32 group ends,
-    ``scale`` [M] or None.
+
+def combine_rows(
+    y: torch.Tensor, order: torch.Tensor, top_k: int, offsets: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``out[t] = sum_{r < offsets[-1], order[r] // top_k = t} scale[r] * y[r]``: [M // top_k, N], ``y``'s dtype.
+
+    ``y`` [M, N] (unit column stride), ``order`` [M] int64 a permutation of the slots, ``offsets`` [E] int32
+    group ends, ``scale`` [M] or None.
     """
     m, n = y.shape
+    num_rows = m // top_k
     out = y.new_empty(num_rows, n)
     if num_rows == 0 or n == 0:
         return out
@@ -67,15 +72,13 @@ def combine_rows(
         return out.zero_()
     if y.stride(1) != 1:
         y = y.contiguous()
-    # The inverse of ``rows`` as CSR: token t's rows are order[bounds[t]:bounds[t + 1]].
-    order, bounds = sort_runs(rows, num_rows)
     # 1024 columns per program, 16-byte loads: measured on an H100 at 2.6 TB/s (Qwen3-30B-A3B and Mixtral
     # sizes); loading several of a token's rows per step, or 256-512 columns, was up to 4x slower.
     block_n = 16 if INTERPRET else min(1024, triton.next_power_of_2(n))
     grid = (num_rows, triton.cdiv(n, block_n))
     combine_rows_kernel[grid](
-        y, order, bounds, scale.contiguous() if scale is not None else y, offsets, out,
-        n, offsets.shape[0], y.stride(0), out.stride(0),
+        y, invert_permutation(order), scale.contiguous() if scale is not None else y, offsets, out,
+        n, offsets.shape[0], top_k, y.stride(0), out.stride(0),
         HAS_SCALE=scale is not None, BLOCK_N=block_n, num_warps=1 if INTERPRET else 4,
     )  # fmt: skip
     return out
@@ -88,14 +91,14 @@ if __name__ == "__main__":
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tokens, hidden, experts, top_k = (8192, 2048, 128, 8) if device == "cuda" else (37, 48, 5, 2)
-    rows, offsets = random_routing(tokens, experts, top_k, device, unrouted=3)
-    y = torch.randn(rows.shape[0], hidden, device=device, dtype=dtype)
-    scale = torch.rand(rows.shape[0], device=device, dtype=dtype)
+    order, offsets = random_routing(tokens, experts, top_k, device, unrouted=3)
+    y = torch.randn(order.shape[0], hidden, device=device, dtype=dtype)
+    scale = torch.rand(order.shape[0], device=device, dtype=dtype)
     routed = int(offsets[-1])  # NOTE: host sync, for the check only
     expected = torch.zeros(tokens, hidden, device=device, dtype=torch.float64)
-    expected.index_add_(0, rows[:routed], y[:routed].double() * scale[:routed].double()[:, None])
-    print(f"combine: rel err {rel_err(combine_rows(y, rows, offsets, tokens, scale), expected):.2e}")
+    expected.index_add_(0, order[:routed] // top_k, y[:routed].double() * scale[:routed].double()[:, None])
+    print(f"combine: rel err {rel_err(combine_rows(y, order, top_k, offsets, scale), expected):.2e}")
     if device == "cuda":
-        ms = triton.testing.do_bench(lambda: combine_rows(y, rows, offsets, tokens, scale), return_mode="median")
+        ms = triton.testing.do_bench(lambda: combine_rows(y, order, top_k, offsets, scale), return_mode="median")
         moved = (y.numel() + tokens * hidden) * y.element_size()
         print(f"{ms:.3f} ms, {moved / ms / 1e6:.0f} GB/s")

@@ -211,11 +211,12 @@ if __name__ == "__main__":
     tokens, hidden, inter, experts, top_k = (8192, 2048, 768, 128, 8) if device == "cuda" else (37, 48, 40, 5, 2)
     x = torch.randn(tokens, hidden, device=device, dtype=dtype)
     w = torch.randn(experts, 2 * inter, hidden, device=device, dtype=dtype) / hidden**0.5
-    rows, offsets = random_routing(tokens, experts, top_k, device)
+    order, offsets = random_routing(tokens, experts, top_k, device)
+    rows = order // top_k
     h = x.new_empty(rows.shape[0], inter)
     preact = x.new_empty(rows.shape[0], 2 * inter)
     grouped_gemm("gate_up", x, offsets, w.transpose(1, 2), preact, n=inter, a_rows=rows, h=h, gated=True)
-    h_ref, preact_ref = reference.expert_gate_up(x, rows, offsets, w, "silu", True)
+    h_ref, preact_ref = reference.expert_gate_up(x, order, top_k, offsets, w, "silu", True)
     print(f"gate_up forward: rel err h {rel_err(h, h_ref):.2e}, preact {rel_err(preact, preact_ref):.2e}")
     if device == "cuda":
         run = lambda: grouped_gemm(  # noqa: E731

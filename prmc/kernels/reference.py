@@ -13,6 +13,11 @@ Grouping convention: rows of a grouped operand are sorted by expert and ``offset
 (exclusive) end row of expert ``e``'s group, int32, as ``torch._grouped_mm`` takes it. Groups may be
 empty; rows at and beyond ``offsets[-1]`` belong to no expert and are left zero.
 
+Which token a routed row belongs to is given by ``order`` [M] (from ``sort_by_expert``): the slot
+``t * top_k + k`` of each routed row, a permutation of ``[0, M)``; routed row r reads and writes token
+``order[r] // top_k``. The kernels need the permutation, not just the token of each row: its inverse gives
+each token its ``top_k`` rows directly, so the combine needs no sort.
+
 All arithmetic accumulates in fp32; outputs take the dtype of the activation operand.
 """
 
@@ -113,18 +118,24 @@ def sort_runs(values: torch.Tensor, bound: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def expert_gate_up(
-    x: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor, activation: str, gated: bool
+    x: torch.Tensor,
+    order: torch.Tensor,
+    top_k: int,
+    offsets: torch.Tensor,
+    weight: torch.Tensor,
+    activation: str,
+    gated: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather + grouped GEMM + activation.
 
     Args:
-        x: [N, H] activations (token order).   rows: [M] int64, the row of ``x`` each routed row reads.
+        x: [T, H] activations (token order).   order: [M = T*top_k] int64 slot of each routed row.
         offsets: [E] int32 group ends.          weight: [E, F, H] (any strides; F = 2I if gated).
     Returns:
         h: [M, I] activated rows (x's dtype), preact: [M, F] the GEMM output (saved for backward).
     """
-    m, f = rows.shape[0], weight.shape[1]
-    xs = _acc(x[rows])
+    m, f = order.shape[0], weight.shape[1]
+    xs = _acc(x[order // top_k])
     preact = xs.new_zeros(m, f)
     for e, (s, t) in enumerate(group_bounds(offsets)):
         if t > s:
@@ -136,14 +147,16 @@ def expert_gate_up(
 def expert_gate_up_backward(
     grad_h: torch.Tensor,
     x: torch.Tensor,
-    rows: torch.Tensor,
+    order: torch.Tensor,
+    top_k: int,
     offsets: torch.Tensor,
     weight: torch.Tensor,
     preact: torch.Tensor,
     activation: str,
     gated: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns grad_x [N, H] (scatter-added over ``rows``) and grad_weight [E, F, H]."""
+    """Returns grad_x [T, H] (summed over each token's rows) and grad_weight [E, F, H]."""
+    rows = order // top_k
     dpre = activate_backward(_acc(grad_h), _acc(preact), activation, gated)
     xs = _acc(x[rows])
     grad_xs = torch.zeros_like(xs)
@@ -160,17 +173,17 @@ def expert_down(
     h: torch.Tensor,
     offsets: torch.Tensor,
     weight: torch.Tensor,
-    rows: torch.Tensor,
+    order: torch.Tensor,
+    top_k: int,
     scale: torch.Tensor | None,
-    num_rows: int,
 ) -> torch.Tensor:
-    """Grouped GEMM + optional per-row scale + scatter-add.
+    """Grouped GEMM + optional per-row scale + sum per token (the combine).
 
     Args:
         h: [M, I].  offsets: [E] int32.  weight: [E, H, I] (any strides).
-        rows: [M] int64, the output row each routed row is added to.  scale: [M] or None.
+        order: [M] int64 slot of each routed row (token ``order[i] // top_k``).  scale: [M] or None.
     Returns:
-        out: [num_rows, H] in h's dtype, ``out[rows[i]] += scale[i] * (h[i] @ weight[e(i)].T)``.
+        out: [M // top_k, H] in h's dtype, ``out[order[i] // top_k] += scale[i] * (h[i] @ weight[e(i)].T)``.
     """
     hf = _acc(h)
     y = hf.new_zeros(h.shape[0], weight.shape[1])
@@ -179,7 +192,7 @@ def expert_down(
             y[s:t] = hf[s:t] @ _acc(weight[e]).t()
     if scale is not None:
         y = y * _acc(scale)[:, None]
-    out = hf.new_zeros(num_rows, weight.shape[1]).index_add_(0, rows, y)
+    out = hf.new_zeros(order.shape[0] // top_k, weight.shape[1]).index_add_(0, order // top_k, y)
     return out.to(h.dtype)
 
 
@@ -188,15 +201,16 @@ def expert_down_backward(
     h: torch.Tensor,
     offsets: torch.Tensor,
     weight: torch.Tensor,
-    rows: torch.Tensor,
+    order: torch.Tensor,
+    top_k: int,
     scale: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns grad_h [M, I], grad_weight [E, H, I], grad_scale [M] (empty [0] when ``scale`` is None).
 
-    ``grad_scale[i] = <grad_out[rows[i]] @ weight[e], h[i]>`` reuses the product that grad_h needs,
-    so no GEMM output is saved or recomputed for it.
+    ``grad_scale[i] = <grad_out[t] @ weight[e], h[i]>`` (t = order[i] // top_k) reuses the product that
+    grad_h needs, so no GEMM output is saved or recomputed for it.
     """
-    g = _acc(grad_out[rows])
+    g = _acc(grad_out[order // top_k])
     hf = _acc(h)
     dh = torch.zeros_like(hf)
     grad_w = hf.new_zeros(weight.shape)

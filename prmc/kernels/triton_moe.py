@@ -9,7 +9,7 @@ op                         kernels (CUTLASS: ``torch._grouped_mm`` where cutlass
 =========================  ==================================================================================
 expert_gate_up             grouped_gemm "gate_up": gather x rows, GEMM with W.T, preact + act(gate) * up
 expert_down                h @ W.T per routed row (CUTLASS | grouped_gemm "store"); combine_rows (* routing
-                           weight, summed per token)
+                           weight, summed per token through the inverse of ``order``)
 expert_gate_up_backward    activation_backward -> d preact; d preact @ W per routed row (CUTLASS | "store"),
                            combine_rows -> grad_x; d preact.T @ x[rows] (gather_rows + CUTLASS | weight_grad)
 expert_down_backward       CUTLASS: gather_rows(grad_out) -> g_out; g = g_out @ W; down_grad_rows (grad_h,
@@ -53,17 +53,17 @@ def _per_row_product(a: Tensor, offsets: Tensor, b: Tensor) -> Tensor:
 
 
 def expert_gate_up(
-    x: Tensor, rows: Tensor, offsets: Tensor, weight: Tensor, activation: str, gated: bool
+    x: Tensor, order: Tensor, top_k: int, offsets: Tensor, weight: Tensor, activation: str, gated: bool
 ) -> tuple[Tensor, Tensor]:
     if not _kernels_take(x, weight):
-        return reference.expert_gate_up(x, rows, offsets, weight, activation, gated)
-    m, f = rows.shape[0], weight.shape[1]
+        return reference.expert_gate_up(x, order, top_k, offsets, weight, activation, gated)
+    m, f = order.shape[0], weight.shape[1]
     inter = f // 2 if gated else f
     h = x.new_empty(m, inter)
     preact = x.new_empty(m, f)
     grouped_gemm(
         "gate_up", x, offsets.int(), weight.transpose(1, 2), preact,
-        n=inter, a_rows=rows.contiguous(), h=h, activation=activation, gated=gated,
+        n=inter, a_rows=order // top_k, h=h, activation=activation, gated=gated,
     )  # fmt: skip
     return h, preact
 
@@ -71,7 +71,8 @@ def expert_gate_up(
 def expert_gate_up_backward(
     grad_h: Tensor,
     x: Tensor,
-    rows: Tensor,
+    order: Tensor,
+    top_k: int,
     offsets: Tensor,
     weight: Tensor,
     preact: Tensor,
@@ -79,10 +80,10 @@ def expert_gate_up_backward(
     gated: bool,
 ) -> tuple[Tensor, Tensor]:
     if not _kernels_take(grad_h, x, weight, preact):
-        return reference.expert_gate_up_backward(grad_h, x, rows, offsets, weight, preact, activation, gated)
-    offsets, rows = offsets.int(), rows.contiguous()
+        return reference.expert_gate_up_backward(grad_h, x, order, top_k, offsets, weight, preact, activation, gated)
+    offsets, rows = offsets.int(), order // top_k
     dpre = activation_backward(grad_h, preact, activation, gated)
-    grad_x = combine_rows(_per_row_product(dpre, offsets, weight), rows, offsets, x.shape[0])
+    grad_x = combine_rows(_per_row_product(dpre, offsets, weight), order, top_k, offsets)
     if cutlass.takes(dpre, x):
         grad_w = cutlass.k_grouped_mm(dpre, gather_rows(x, rows), offsets)
     else:
@@ -91,19 +92,19 @@ def expert_gate_up_backward(
     return grad_x, grad_w
 
 
-def expert_down(h: Tensor, offsets: Tensor, weight: Tensor, rows: Tensor, scale: Tensor | None, num_rows: int) -> Tensor:
+def expert_down(h: Tensor, offsets: Tensor, weight: Tensor, order: Tensor, top_k: int, scale: Tensor | None) -> Tensor:
     if not _kernels_take(h, weight):
-        return reference.expert_down(h, offsets, weight, rows, scale, num_rows)
+        return reference.expert_down(h, offsets, weight, order, top_k, scale)
     offsets = offsets.int()
-    return combine_rows(_per_row_product(h, offsets, weight.transpose(1, 2)), rows, offsets, num_rows, scale)
+    return combine_rows(_per_row_product(h, offsets, weight.transpose(1, 2)), order, top_k, offsets, scale)
 
 
 def expert_down_backward(
-    grad_out: Tensor, h: Tensor, offsets: Tensor, weight: Tensor, rows: Tensor, scale: Tensor | None
+    grad_out: Tensor, h: Tensor, offsets: Tensor, weight: Tensor, order: Tensor, top_k: int, scale: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
     if not _kernels_take(grad_out, h, weight):
-        return reference.expert_down_backward(grad_out, h, offsets, weight, rows, scale)
-    offsets, rows = offsets.int(), rows.contiguous()
+        return reference.expert_down_backward(grad_out, h, offsets, weight, order, top_k, scale)
+    offsets, rows = offsets.int(), order // top_k
     scale = scale.contiguous() if scale is not None else None
     if cutlass.takes(grad_out, h, weight):
         h = h.contiguous()

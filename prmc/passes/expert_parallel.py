@@ -150,8 +150,8 @@ def _rewrite_lowered_blocks(gm: GraphModule, config, mesh, report) -> int:
                 f"prmc expert parallel: block {name} has {e} experts, which an expert-parallel mesh of size "
                 f"{world} does not divide; use a mesh size that divides {e}"
             )
-        x2d, _, _, w13, activation, gated = gate_up.args
-        _, _, w2, _, scale, _ = down.args
+        x2d, _, _, _, w13, activation, gated = gate_up.args
+        _, _, w2, _, _, scale = down.args
         ids = dispatch.args[0]
         # scale = wts[order]: the routing weights per slot in token order
         wts = scale.args[0] if scale.op == "call_function" and scale.target is operator.getitem else None

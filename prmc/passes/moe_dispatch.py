@@ -7,10 +7,9 @@ Produces, right before the block's output and replacing it (routing stays the mo
     ids     = expert_ids.reshape(-1, K)                              role "expert_ids"
     wts     = weights.reshape(-1)   (dense gate: gather(gate, 1, ids)) role "weights"
     sorted  = prmc.sort_by_expert(ids, E)                            role "dispatch"
-    rows    = sorted[0] // K                                         role "rows"
     scale   = wts[sorted[0]]                                         role "scale"
-    gu      = prmc.expert_gate_up(x2d, rows, sorted[2], W13, act, gated)   role "gate_up"
-    out     = prmc.expert_down(gu[0], sorted[2], W2, rows, scale, T)       role "down"
+    gu      = prmc.expert_gate_up(x2d, sorted[0], K, sorted[2], W13, act, gated)   role "gate_up"
+    out     = prmc.expert_down(gu[0], sorted[2], W2, sorted[0], K, scale)          role "down"
 
 Every inserted node carries ``meta["prmc"] = {"block": name, "role": ...}`` (the dispatch node also
 ``"spec"``), which is what the expert-parallel, overlap and recompute passes match on. The original
@@ -71,18 +70,17 @@ def _lower(gm: GraphModule, spec: MoESpec) -> None:
         dispatch.meta["prmc"]["spec"] = spec
         order = tag(graph.call_function(operator.getitem, (dispatch, 0)), "order")
         offsets = tag(graph.call_function(operator.getitem, (dispatch, 2)), "offsets")
-        rows = tag(graph.call_function(operator.floordiv, (order, spec.top_k)), "rows")
         scale = tag(graph.call_function(operator.getitem, (wts, order)), "scale")
         gate_up = tag(
             graph.call_function(
-                torch.ops.prmc.expert_gate_up.default, (x2d, rows, offsets, w13, spec.activation, spec.gated)
+                torch.ops.prmc.expert_gate_up.default,
+                (x2d, order, spec.top_k, offsets, w13, spec.activation, spec.gated),
             ),
             "gate_up",
         )
         h = tag(graph.call_function(operator.getitem, (gate_up, 0)), "h")
-        num_tokens = tag(graph.call_method("size", (x2d, 0)), "num_tokens")
         out = tag(
-            graph.call_function(torch.ops.prmc.expert_down.default, (h, offsets, w2, rows, scale, num_tokens)), "down"
+            graph.call_function(torch.ops.prmc.expert_down.default, (h, offsets, w2, order, spec.top_k, scale)), "down"
         )
         y_value = y.meta["example_value"]
         if y_value.dtype != w_dtype:

@@ -618,9 +618,8 @@ def moe_experts(x2d, ids2d, w_flat, w13, w2, activation: str, gated: bool, num_e
     """Routed experts on one device, in prmc ops: [T, H] -> [T, H] (in x2d's dtype)."""
     top_k = ids2d.shape[1]
     order, _counts, offsets = torch.ops.prmc.sort_by_expert(ids2d, num_experts)
-    rows = order // top_k
-    h, _preact = torch.ops.prmc.expert_gate_up(x2d, rows, offsets, w13, activation, gated)
-    return torch.ops.prmc.expert_down(h, offsets, w2, rows, w_flat[order], x2d.shape[0])
+    h, _preact = torch.ops.prmc.expert_gate_up(x2d, order, top_k, offsets, w13, activation, gated)
+    return torch.ops.prmc.expert_down(h, offsets, w2, order, top_k, w_flat[order])
 
 
 class _Probe:
