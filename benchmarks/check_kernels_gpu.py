@@ -42,13 +42,9 @@ def check_ops_autograd(tokens=2048, hidden=1024, inter=768, experts=16, top_k=4)
     grad_out = torch.randn(tokens, hidden, device=dev)
 
     results = []
-    for gate_up, down, dtype in [
-        (torch.ops.prmc.expert_gate_up, torch.ops.prmc.expert_down, torch.bfloat16),
-        (reference.expert_gate_up, reference.expert_down, torch.float64),
-    ]:
+    for layer, dtype in [(torch.ops.prmc.experts, torch.bfloat16), (reference.experts, torch.float64)]:
         inputs = [t.to(dtype).requires_grad_() for t in (x, w1, w2, weights)]
-        h, _ = gate_up(inputs[0], order, top_k, offsets, inputs[1], "silu", True)
-        out = down(h, offsets, inputs[2], order, top_k, inputs[3])
+        out, _ = layer(inputs[0], order, top_k, offsets, inputs[1], inputs[2], inputs[3], "silu", True)
         grads = torch.autograd.grad(out, inputs, grad_out.to(dtype))
         results.append((out, *grads))
     names = ["out", "grad_x", "grad_w_gate_up", "grad_w_down", "grad_scale"]

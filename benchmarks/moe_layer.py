@@ -6,7 +6,7 @@
 Each method gets the same bf16 tokens, the same top-k expert ids and routing weights (the router is not
 timed: it is the model's own code either way) and the same expert weights [E, 2I, H] / [E, H, I]:
 
-- prmc:                 torch.ops.prmc.sort_by_expert -> expert_gate_up -> expert_down (Triton kernels)
+- prmc:                 torch.ops.prmc.sort_by_expert -> experts (Triton and CUTLASS kernels)
 - tf grouped_mm+Inductor: transformers 5.17 ``Qwen3MoeExperts`` (``_experts_implementation="grouped_mm"``)
                         under ``torch.compile``
 - tf eager loop:        the same module with ``"eager"`` (a Python loop over experts)
@@ -52,8 +52,8 @@ def make_routing(tokens, experts, top_k, hot, device):
 def prmc_experts(x, ids, weights, w_gate_up, w_down):
     top_k = ids.shape[1]
     order, _, offsets = torch.ops.prmc.sort_by_expert(ids, w_gate_up.shape[0])
-    h, _ = torch.ops.prmc.expert_gate_up(x, order, top_k, offsets, w_gate_up, "silu", True)
-    return torch.ops.prmc.expert_down(h, offsets, w_down, order, top_k, weights.reshape(-1)[order])
+    scale = weights.reshape(-1)[order]
+    return torch.ops.prmc.experts(x, order, top_k, offsets, w_gate_up, w_down, scale, "silu", True)[0]
 
 
 def transformers_experts(hidden, inter, experts, top_k, implementation):
@@ -141,12 +141,11 @@ def breakdown(name, tokens, device) -> None:
     "alt" are the Triton grouped GEMM doing the product CUTLASS does above them (the choice, measured)."""
     import triton
 
-    from prmc.kernels import cutlass, triton_moe
-    from prmc.kernels.activation_backward import activation_backward
+    from prmc.kernels import cutlass
     from prmc.kernels.combine import combine_rows
-    from prmc.kernels.down_grad_rows import down_grad_rows
     from prmc.kernels.gather_rows import gather_rows
     from prmc.kernels.grouped_gemm import grouped_gemm
+    from prmc.kernels.mlp_grad_rows import mlp_grad_rows
 
     hidden, inter, experts, top_k, hot = CONFIGS[name]
     torch.manual_seed(0)
@@ -158,15 +157,15 @@ def breakdown(name, tokens, device) -> None:
     order, _, offsets = torch.ops.prmc.sort_by_expert(ids, experts)
     rows, scale = order // top_k, weights.reshape(-1)[order]
     m = rows.shape[0]
-    h, preact = triton_moe.expert_gate_up(x, order, top_k, offsets, w_gate_up, "silu", True)
+    h, preact = torch.empty(m, inter, **bf16), torch.empty(m, 2 * inter, **bf16)
+    grouped_gemm("gate_up", x, offsets, w_gate_up.transpose(1, 2), preact, n=inter, a_rows=rows, h=h, gated=True)
     grad_out = torch.randn(tokens, hidden, **bf16)
     grad_out_rows = gather_rows(grad_out, rows)
     x_rows = gather_rows(x, rows)
     g = cutlass.row_grouped_mm(grad_out_rows, w_down, offsets)
-    dpre = activation_backward(torch.randn(m, inter, **bf16), preact, "silu", True)
+    dpre, _, hs = mlp_grad_rows(g, preact, offsets, scale, "silu", True)
     y = torch.empty(m, hidden, **bf16)
-    grad_h = torch.empty_like(h)
-    rowdot = torch.zeros(m, device=device, dtype=torch.float32)
+    g_alt = torch.empty_like(h)
     gemm = 2 * m * hidden * inter  # one [M, H] x [H, I] product
     parts = {
         "sort_by_expert": (lambda: torch.ops.prmc.sort_by_expert(ids, experts), 0),
@@ -176,10 +175,9 @@ def breakdown(name, tokens, device) -> None:
         "down fwd combine (scale)": (lambda: combine_rows(y, order, top_k, offsets, scale), 0),
         "gather grad_out rows": (lambda: gather_rows(grad_out, rows), 0),
         "down grad_h (CUTLASS)": (lambda: cutlass.row_grouped_mm(grad_out_rows, w_down, offsets), gemm),
-        "  alt down grad_h (Triton gather, rowdot)": (lambda: grouped_gemm("down_grad", grad_out, offsets, w_down, grad_h, n=inter, a_rows=rows, h=h, scale=scale, rowdot=rowdot), gemm),
-        "down_grad_rows (scale, grad_scale)": (lambda: down_grad_rows(g, h, offsets, scale), 0),
-        "down grad_w (CUTLASS)": (lambda: cutlass.k_grouped_mm(grad_out_rows, h, offsets), gemm),
-        "act backward": (lambda: activation_backward(grad_h, preact, "silu", True), 0),
+        "  alt down grad_h (Triton gather)": (lambda: grouped_gemm("store", grad_out, offsets, w_down, g_alt, n=inter, a_rows=rows), gemm),
+        "mlp_grad_rows (d preact, grad_scale, scale*h)": (lambda: mlp_grad_rows(g, preact, offsets, scale, "silu", True), 0),
+        "down grad_w (CUTLASS)": (lambda: cutlass.k_grouped_mm(grad_out_rows, hs, offsets), gemm),
         "gate_up grad_x (CUTLASS)": (lambda: cutlass.row_grouped_mm(dpre, w_gate_up, offsets), 2 * gemm),
         "  alt grad_x (Triton store)": (lambda: grouped_gemm("store", dpre, offsets, w_gate_up, y, n=hidden), 2 * gemm),
         "gate_up grad_x combine": (lambda: combine_rows(y, order, top_k, offsets), 0),

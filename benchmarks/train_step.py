@@ -3,12 +3,11 @@
     PYTHONPATH=. python benchmarks/train_step.py [--configs qwen3-30b-a3b,olmoe] [--tokens 8192] [--out DIR]
     PYTHONPATH=. python benchmarks/train_step.py --device cpu --tiny     # smoke run (CI), seconds
 
-One step is ``zero_grad(set_to_none=True)``, forward, next-token cross-entropy on the logits, backward,
-``AdamW.step()``. The loss is computed outside the compiled model in every mode: with ``labels=`` the loss
-(a 0-d tensor) lands in the graph after the last MoE block, and prmc's recogniser (2025-11, 448fb92) fails on
-it (``IndexError`` at ``_shape(n)[-1]`` in ``recognise._recognise_block``) and leaves that block unrewritten. The model is built from a config with random weights (nothing is downloaded):
-4 decoder layers, attention included (SDPA), every layer MoE, the MoE sizes of the named model, a 32000
-token vocabulary, bf16 parameters. The experts run transformers' default implementation
+One step is ``zero_grad(set_to_none=True)``, forward with ``labels=`` (the model's own next-token
+cross-entropy, compiled with the model as a user's training loop has it), backward, ``AdamW.step()``.
+The model is built from a config with random weights (nothing is downloaded): 4 decoder layers, attention
+included (SDPA), every layer MoE, the MoE sizes of the named model, a 32000 token vocabulary, bf16
+parameters. The experts run transformers' default implementation
 (``grouped_mm``) in every mode; only the compile differs:
 
 - eager:       the model as transformers runs it
@@ -96,8 +95,7 @@ def run_mode(name, mode, sizes, args, device, dtype) -> dict:
 
     def step():
         opt.zero_grad(set_to_none=True)
-        logits = fwd(input_ids=ids).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss = fwd(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         return loss

@@ -156,8 +156,7 @@ def _case_dispatch(rank, world, mesh, chunks, skew):
     ref_out = []
     for s in range(world):
         order, _, off = torch.ops.prmc.sort_by_expert(ids[s], e)
-        hh, _ = torch.ops.prmc.expert_gate_up(xs[s], order, k, off, a_full, "silu", True)
-        o = torch.ops.prmc.expert_down(hh, off, b_full, order, k, wts[s].reshape(-1)[order])
+        o, _ = torch.ops.prmc.experts(xs[s], order, k, off, a_full, b_full, wts[s].reshape(-1)[order], "silu", True)
         (o * torch.arange(h)).sum().backward()
         ref_out.append(o.detach())
     x = xs[rank].clone().requires_grad_()

@@ -244,8 +244,8 @@ def test_forward_schedule_in_generated_code(generated_code):
     wait0 = _index(fwd, rf"wait_tensor.default\({d0}\)")
     wait1 = _index(fwd, rf"wait_tensor.default\({d1}\)")
     shared = _index(fwd, r"extern_kernels.addmm")
-    gemm0 = _index(fwd, r"prmc.expert_gate_up.default\(" + d0)
-    gemm1 = _index(fwd, r"prmc.expert_gate_up.default\(" + d1)
+    gemm0 = _index(fwd, r"prmc.experts.default\(" + d0)
+    gemm1 = _index(fwd, r"prmc.experts.default\(" + d1)
     assert issue0 < shared < wait0, text  # shared expert under the dispatch all-to-all
     assert issue1 < wait0 < gemm0, text  # chunk 1 travels while chunk 0 computes
     assert gemm0 < wait1 < gemm1, text
@@ -260,9 +260,8 @@ def test_backward_schedule_in_generated_code(generated_code):
     issue1 = _index(bwd, rf"^{g1} = .*all_to_all_single")
     wait0 = _index(bwd, rf"wait_tensor.default\({g0}\)")
     wait1 = _index(bwd, rf"wait_tensor.default\({g1}\)")
-    first_down_bwd = _index(bwd, r"prmc.expert_down_backward")
-    first_gate_bwd = _index(bwd, r"prmc.expert_gate_up_backward")
-    assert issue1 < wait0 < first_down_bwd, text  # both gradient all-to-alls in flight
-    assert first_gate_bwd < wait1, text  # the second waited after the first chunk's backward GEMMs
+    first_bwd = _index(bwd, r"prmc.experts_backward")
+    assert issue1 < wait0 < first_bwd, text  # both gradient all-to-alls in flight
+    assert first_bwd < wait1, text  # the second waited after the first chunk's backward GEMMs
     disp_back = _index(bwd, r"all_to_all_single.default\(.*\[u", 2)
-    assert first_gate_bwd < disp_back < wait1, text  # first chunk's result sent back under the second
+    assert first_bwd < disp_back < wait1, text  # first chunk's result sent back under the second

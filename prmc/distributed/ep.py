@@ -19,8 +19,8 @@ Layout (EP size ``W``, ``E`` experts, ``El = E / W`` local experts; rank ``r`` o
    counts, so the ranks agree on every split by construction.
 3. rows are gathered in sorted order and sent (variable splits); the receiver sees them grouped by source
    rank then local expert, and re-sorts them by local expert (``sort_by_expert`` on local ids).
-4. ``expert_gate_up`` / ``expert_down`` on the local expert weights, ``expert_down`` scattering back to the
-   received order (no routing weight: the sender applies it).
+4. ``experts`` on the local expert weights, returning the rows in the received order (top_k 1, no routing
+   weight: the sender applies it).
 5. the reverse all-to-all returns the rows to the sender, which combines them into token order with its
    routing weights (``index_add``).
 
@@ -170,8 +170,7 @@ def _local_experts(state: EPState, ch: _Chunk, w13: Tensor, w2: Tensor, activati
     seg = torch.searchsorted(bounds, pos, right=True)
     local_ids = (seg % el).view(-1, 1)
     lorder, _, loffsets = torch.ops.prmc.sort_by_expert(local_ids, el)
-    h, _ = torch.ops.prmc.expert_gate_up(recv, lorder, 1, loffsets, w13, activation, gated)
-    return torch.ops.prmc.expert_down(h, loffsets, w2, lorder, 1, None)
+    return torch.ops.prmc.experts(recv, lorder, 1, loffsets, w13, w2, None, activation, gated)[0]
 
 
 def ep_finish(state: EPState, w13: Tensor, w2: Tensor, activation: str, gated: bool) -> Tensor:

@@ -44,7 +44,9 @@ def gemm_configs(block_m: str, block_n: str, widest_n: bool = True) -> list[trit
     """
     if INTERPRET:
         return [triton.Config({block_m: 16, block_n: 16, "BLOCK_K": 16, "GROUP": 2}, num_warps=1, num_stages=1)]
-    shapes = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
+    # 128x128 with 4 stages: the gated gate_up forward at Qwen3-30B-A3B sizes 0.82 ms vs 0.87 with 3 (H100,
+    # benchmarks/KERNELS_NOTES.md, v5 sweep); BLOCK_K 128 or 32, other GROUPs and 4-warp tiles were slower.
+    shapes = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
     if widest_n:
         shapes.append((128, 256, 64, 8, 3))
     return [

@@ -66,7 +66,7 @@ class Case:
 
 
 def check_case(case: Case, device) -> dict[str, float]:
-    """Relative error of every output of the four expert ops, Triton launchers vs reference."""
+    """Relative error of every output of the expert ops, forward and backward, Triton launchers vs reference."""
     from prmc.kernels import triton_moe
 
     dev = torch.device(device)
@@ -88,37 +88,27 @@ def check_case(case: Case, device) -> dict[str, float]:
         w_down = randn(case.experts, case.hidden, case.inter, scale=case.inter**-0.5)
     scale = torch.rand(m, device=dev, dtype=case.dtype) + 0.1
     grad_out = randn(case.tokens, case.hidden)
-    grad_h = randn(m, case.inter)
 
     def d(t):  # float64 copy for the reference
         return t.double() if t is not None else None
 
     errors = {}
-    h, preact = triton_moe.expert_gate_up(x, order, k, offsets, w_gate_up, case.activation, case.gated)
-    h_ref, preact_ref = reference.expert_gate_up(d(x), order, k, offsets, d(w_gate_up), case.activation, case.gated)
-    errors["gate_up.h"] = rel_err(h, h_ref)
-    errors["gate_up.preact"] = rel_err(preact, preact_ref)
-
-    # Backward ops take the kernel's preact (rounded as the op saves it) so both sides see one input.
-    gx, gw = triton_moe.expert_gate_up_backward(
-        grad_h, x, order, k, offsets, w_gate_up, preact, case.activation, case.gated
-    )  # fmt: skip
-    gx_ref, gw_ref = reference.expert_gate_up_backward(
-        d(grad_h), d(x), order, k, offsets, d(w_gate_up), d(preact), case.activation, case.gated
-    )  # fmt: skip
-    errors["gate_up_backward.grad_x"] = rel_err(gx, gx_ref)
-    errors["gate_up_backward.grad_w"] = rel_err(gw, gw_ref)
-
     for name, s in [("scaled", scale), ("unscaled", None)]:
-        out = triton_moe.expert_down(h, offsets, w_down, order, k, s)
-        out_ref = reference.expert_down(d(h), offsets, d(w_down), order, k, d(s))
-        errors[f"down.{name}.out"] = rel_err(out, out_ref)
-        gh, gwd, gs = triton_moe.expert_down_backward(grad_out, h, offsets, w_down, order, k, s)
-        gh_ref, gwd_ref, gs_ref = reference.expert_down_backward(d(grad_out), d(h), offsets, d(w_down), order, k, d(s))
-        errors[f"down_backward.{name}.grad_h"] = rel_err(gh, gh_ref)
-        errors[f"down_backward.{name}.grad_w"] = rel_err(gwd, gwd_ref)
-        if s is not None:
-            errors[f"down_backward.{name}.grad_scale"] = rel_err(gs, gs_ref)
+        args = (order, k, offsets)
+        out, preact = triton_moe.experts(x, *args, w_gate_up, w_down, s, case.activation, case.gated)
+        out_ref, preact_ref = reference.experts(d(x), *args, d(w_gate_up), d(w_down), d(s), case.activation, case.gated)
+        errors[f"{name}.out"] = rel_err(out, out_ref)
+        errors[f"{name}.preact"] = rel_err(preact, preact_ref)
+        # The backward takes the kernel's preact (rounded as the op saves it) so both sides see one input.
+        grads = triton_moe.experts_backward(
+            grad_out, x, *args, w_gate_up, w_down, preact, s, case.activation, case.gated
+        )  # fmt: skip
+        grads_ref = reference.experts_backward(
+            d(grad_out), d(x), *args, d(w_gate_up), d(w_down), d(preact), d(s), case.activation, case.gated
+        )  # fmt: skip
+        names = ["grad_x", "grad_w_gate_up", "grad_w_down"] + (["grad_scale"] if s is not None else [])
+        for grad_name, grad, grad_ref in zip(names, grads, grads_ref):
+            errors[f"{name}.{grad_name}"] = rel_err(grad, grad_ref)
     return errors
 
 

@@ -11,9 +11,8 @@ use                A rows              B[e]                          epilogue
 =================  ==================  ===========================  ============================================
 gate_up forward    x[rows] (gathered)  W_gate_up[e].T  [H, F]        "gate_up":   preact, h = act(gate) * up
 down forward       h                   W_down[e].T     [I, H]        "store":     C (combined by prmc.kernels.combine)
+down backward      grad_out[rows]      W_down[e]       [H, I]        "store":     C (to prmc.kernels.mlp_grad_rows)
 gate_up grad_x     d preact            W_gate_up[e]    [F, H]        "store":     C (combined likewise)
-down grad_h        grad_out[rows]      W_down[e]       [H, I]        "down_grad": grad_h = scale * C,
-                                                                                  grad_scale += rowsum(C * h)
 =================  ==================  ===========================  ============================================
 
 The gather is fused: a tile's A rows are loaded through the index vector, so no permuted copy of the
@@ -67,18 +66,16 @@ def _prune(configs, named_args, **kwargs):
     configs=gemm_configs("BLOCK_M", "BLOCK_N"),
     key=["N", "K", "EPILOGUE", "GATED", "GATHER_A"],
     prune_configs_by={"early_config_prune": _prune},
-    reset_to_zero=["rowdot_ptr"],
 )
 @triton.heuristics(
     {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0, "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0}
 )
 @triton.jit
 def grouped_gemm_kernel(
-    a_ptr, a_rows_ptr, offsets_ptr, b_ptr, c_ptr, h_ptr, scale_ptr, rowdot_ptr,
+    a_ptr, a_rows_ptr, offsets_ptr, b_ptr, c_ptr, h_ptr,
     M, N, K, E, NUM_PROGRAMS,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn, stride_hm, stride_hn,
-    EPILOGUE: tl.constexpr, GATHER_A: tl.constexpr, HAS_SCALE: tl.constexpr,
-    ACTIVATION: tl.constexpr, GATED: tl.constexpr, FP32_DOT: tl.constexpr,
+    EPILOGUE: tl.constexpr, GATHER_A: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
 ):  # fmt: skip
@@ -135,15 +132,7 @@ def grouped_gemm_kernel(
                         h = h * up.to(tl.float32)
                     h_ptrs = h_ptr + offs_m64[:, None] * stride_hm + offs_n[None, :] * stride_hn
                     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=out_mask)
-                elif EPILOGUE == "store":
-                    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=out_mask)
-                else:  # "down_grad": acc is grad_out[rows] @ W_down[e], the gradient of the unscaled rows
-                    if HAS_SCALE:
-                        h_ptrs = h_ptr + offs_m64[:, None] * stride_hm + offs_n[None, :] * stride_hn
-                        h_in = tl.load(h_ptrs, mask=out_mask, other=0.0).to(tl.float32)
-                        # grad_scale[r] = <acc[r], h[r]>, summed over the column tiles of row r.
-                        tl.atomic_add(rowdot_ptr + offs_m, tl.sum(acc * h_in, axis=1), mask=m_mask, sem="relaxed")
-                        acc = acc * tl.load(scale_ptr + offs_m, mask=m_mask, other=0.0).to(tl.float32)[:, None]
+                else:  # "store"
                     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=out_mask)
             else:  # rows routed to no expert
                 zeros = tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty)
@@ -170,34 +159,26 @@ def grouped_gemm(
     n: int,
     a_rows: torch.Tensor | None = None,
     h: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
-    rowdot: torch.Tensor | None = None,
     activation: str = "silu",
     gated: bool = False,
 ):
-    """Launch the kernel over the groups of ``offsets``; writes ``c`` (and ``h``/``rowdot``) in place.
+    """Launch the kernel over the groups of ``offsets``; writes ``c`` (and ``h``) in place.
     Returns the launched kernel (its ``asm``, ``n_regs``, ``n_spills`` for inspection), None if empty.
 
     ``b`` is [E, K, N'] as strides (any view; N' = 2n when gated, the up half after the gate half);
     ``m`` routed rows are ``offsets``' rows (``a_rows.shape[0]`` when gathering, else ``a.shape[0]``).
-    "down_grad" adds into ``rowdot`` with atomics: it must be zeroed fp32.
     """
     m = a_rows.shape[0] if a_rows is not None else a.shape[0]
     k = b.shape[1]
     if m == 0 or n == 0:
         return None
     programs = num_programs(a.device)
-    dummy = offsets  # stands in for unused pointer arguments (never dereferenced)
-    if rowdot is None:  # its own stand-in: the autotuner zeroes whatever tensor is passed here
-        rowdot = torch.empty(1, device=a.device, dtype=torch.float32)
     return grouped_gemm_kernel[(programs,)](
-        a, a_rows if a_rows is not None else dummy, offsets, b, c, h if h is not None else c,
-        scale if scale is not None else dummy, rowdot,
+        a, a_rows if a_rows is not None else offsets, offsets, b, c, h if h is not None else c,
         m, n, k, offsets.shape[0], programs,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         *(h.stride() if h is not None else (0, 0)),
-        EPILOGUE=epilogue, GATHER_A=a_rows is not None, HAS_SCALE=scale is not None,
-        ACTIVATION=activation, GATED=gated, FP32_DOT=fp32_dot(a.dtype),
+        EPILOGUE=epilogue, GATHER_A=a_rows is not None, ACTIVATION=activation, GATED=gated, FP32_DOT=fp32_dot(a.dtype),
     )  # fmt: skip
 
 

@@ -224,3 +224,45 @@ def expert_down_backward(
         return dh.to(h.dtype), grad_w.to(weight.dtype), h.new_empty(0)
     grad_scale = (dh * hf).sum(-1)
     return (dh * s_).to(h.dtype), grad_w.to(weight.dtype), grad_scale.to(scale.dtype)
+
+
+def experts(
+    x: torch.Tensor,
+    order: torch.Tensor,
+    top_k: int,
+    offsets: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    scale: torch.Tensor | None,
+    activation: str,
+    gated: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routed experts of a block: :func:`expert_gate_up` then :func:`expert_down`.
+
+    Returns out [T, H] (x's dtype) and preact [M, F], all that the backward keeps of the forward: ``h`` is
+    recomputed from it.
+    """
+    h, preact = expert_gate_up(x, order, top_k, offsets, w_gate_up, activation, gated)
+    return expert_down(h, offsets, w_down, order, top_k, scale), preact
+
+
+def experts_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    order: torch.Tensor,
+    top_k: int,
+    offsets: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    preact: torch.Tensor,
+    scale: torch.Tensor | None,
+    activation: str,
+    gated: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> grad_x [T, H], grad_w_gate_up [E, F, H], grad_w_down [E, H, I], grad_scale [M] ([0] without scale)."""
+    h = activate(_acc(preact), activation, gated).to(preact.dtype)  # as the forward rounded it
+    grad_h, grad_w_down, grad_scale = expert_down_backward(grad_out, h, offsets, w_down, order, top_k, scale)
+    grad_x, grad_w_gate_up = expert_gate_up_backward(
+        grad_h, x, order, top_k, offsets, w_gate_up, preact, activation, gated
+    )  # fmt: skip
+    return grad_x, grad_w_gate_up, grad_w_down, grad_scale

@@ -4,19 +4,18 @@
 keeps the reference. The functions are plain launchers too: the interpreter tests call them on CPU
 tensors with ``TRITON_INTERPRET=1``.
 
-=========================  ==================================================================================
-op                         kernels (CUTLASS: ``torch._grouped_mm`` where cutlass.takes, else the Triton kernel)
-=========================  ==================================================================================
-expert_gate_up             grouped_gemm "gate_up": gather x rows, GEMM with W.T, preact + act(gate) * up
-expert_down                h @ W.T per routed row (CUTLASS | grouped_gemm "store"); combine_rows (* routing
-                           weight, summed per token through the inverse of ``order``)
-expert_gate_up_backward    activation_backward -> d preact; d preact @ W per routed row (CUTLASS | "store"),
-                           combine_rows -> grad_x; d preact.T @ x[rows] (gather_rows + CUTLASS | weight_grad)
-expert_down_backward       CUTLASS: gather_rows(grad_out) -> g_out; g = g_out @ W; down_grad_rows (grad_h,
-                           grad_scale, scale * h); grad_W = g_out.T @ (scale * h).
-                           Triton: grouped_gemm "down_grad" (gather, grad_h and grad_scale in the epilogue);
-                           weight_grad (gather and scale on load)
-=========================  ==================================================================================
+====================  =======================================================================================
+op                    kernels (CUTLASS: ``torch._grouped_mm`` where cutlass.takes, else the Triton kernel)
+====================  =======================================================================================
+experts               grouped_gemm "gate_up": gather x rows, GEMM with W_gate_up.T, preact + h = act(gate) * up;
+                      h @ W_down.T per routed row (CUTLASS | grouped_gemm "store"); combine_rows (* routing
+                      weight, summed per token through the inverse of ``order``). Keeps only preact.
+experts_backward      g = grad_out[rows] @ W_down per routed row (gather_rows + CUTLASS | "store" gathering);
+                      mlp_grad_rows: d preact, grad_scale, scale * h (h recomputed from preact);
+                      grad_W_down = grad_out[rows].T @ (scale * h) (CUTLASS | weight_grad);
+                      grad_x = combine_rows(d preact @ W_gate_up) (CUTLASS | "store");
+                      grad_W_gate_up = d preact.T @ x[rows] (gather_rows + CUTLASS | weight_grad)
+====================  =======================================================================================
 
 Inputs outside what the kernels take (fp64, mixed dtypes, indices not int64/int32) fall back to the
 reference, so the op's semantics never depend on the device.
@@ -29,11 +28,10 @@ from torch import Tensor
 
 from prmc.kernels import cutlass, reference
 from prmc.kernels._triton_common import KERNEL_DTYPES
-from prmc.kernels.activation_backward import activation_backward
 from prmc.kernels.combine import combine_rows
-from prmc.kernels.down_grad_rows import down_grad_rows
 from prmc.kernels.gather_rows import gather_rows
 from prmc.kernels.grouped_gemm import grouped_gemm
+from prmc.kernels.mlp_grad_rows import mlp_grad_rows
 from prmc.kernels.weight_grad import weight_grad
 
 
@@ -52,86 +50,82 @@ def _per_row_product(a: Tensor, offsets: Tensor, b: Tensor) -> Tensor:
     return c
 
 
-def expert_gate_up(
-    x: Tensor, order: Tensor, top_k: int, offsets: Tensor, weight: Tensor, activation: str, gated: bool
-) -> tuple[Tensor, Tensor]:
-    if not _kernels_take(x, weight):
-        return reference.expert_gate_up(x, order, top_k, offsets, weight, activation, gated)
-    m, f = order.shape[0], weight.shape[1]
-    inter = f // 2 if gated else f
-    h = x.new_empty(m, inter)
-    preact = x.new_empty(m, f)
-    grouped_gemm(
-        "gate_up", x, offsets.int(), weight.transpose(1, 2), preact,
-        n=inter, a_rows=order // top_k, h=h, activation=activation, gated=gated,
-    )  # fmt: skip
-    return h, preact
-
-
-def expert_gate_up_backward(
-    grad_h: Tensor,
+def experts(
     x: Tensor,
     order: Tensor,
     top_k: int,
     offsets: Tensor,
-    weight: Tensor,
-    preact: Tensor,
+    w_gate_up: Tensor,
+    w_down: Tensor,
+    scale: Tensor | None,
     activation: str,
     gated: bool,
 ) -> tuple[Tensor, Tensor]:
-    if not _kernels_take(grad_h, x, weight, preact):
-        return reference.expert_gate_up_backward(grad_h, x, order, top_k, offsets, weight, preact, activation, gated)
-    offsets, rows = offsets.int(), order // top_k
-    dpre = activation_backward(grad_h, preact, activation, gated)
-    grad_x = combine_rows(_per_row_product(dpre, offsets, weight), order, top_k, offsets)
-    if cutlass.takes(dpre, x):
-        grad_w = cutlass.k_grouped_mm(dpre, gather_rows(x, rows), offsets)
-    else:
-        grad_w = weight.new_empty(weight.shape)
-        weight_grad(dpre, x, offsets, grad_w, right_rows=rows)
-    return grad_x, grad_w
-
-
-def expert_down(h: Tensor, offsets: Tensor, weight: Tensor, order: Tensor, top_k: int, scale: Tensor | None) -> Tensor:
-    if not _kernels_take(h, weight):
-        return reference.expert_down(h, offsets, weight, order, top_k, scale)
+    if not _kernels_take(x, w_gate_up, w_down):
+        return reference.experts(x, order, top_k, offsets, w_gate_up, w_down, scale, activation, gated)
+    m, f = order.shape[0], w_gate_up.shape[1]
+    inter = f // 2 if gated else f
     offsets = offsets.int()
-    return combine_rows(_per_row_product(h, offsets, weight.transpose(1, 2)), order, top_k, offsets, scale)
+    h = x.new_empty(m, inter)
+    preact = x.new_empty(m, f)
+    grouped_gemm(
+        "gate_up", x, offsets, w_gate_up.transpose(1, 2), preact,
+        n=inter, a_rows=order // top_k, h=h, activation=activation, gated=gated,
+    )  # fmt: skip
+    y = _per_row_product(h, offsets, w_down.transpose(1, 2))
+    del h  # freed before the combine allocates: the backward recomputes h from preact (mlp_grad_rows)
+    return combine_rows(y, order, top_k, offsets, scale), preact
 
 
-def expert_down_backward(
-    grad_out: Tensor, h: Tensor, offsets: Tensor, weight: Tensor, order: Tensor, top_k: int, scale: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor]:
-    if not _kernels_take(grad_out, h, weight):
-        return reference.expert_down_backward(grad_out, h, offsets, weight, order, top_k, scale)
+def experts_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    order: Tensor,
+    top_k: int,
+    offsets: Tensor,
+    w_gate_up: Tensor,
+    w_down: Tensor,
+    preact: Tensor,
+    scale: Tensor | None,
+    activation: str,
+    gated: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if not _kernels_take(grad_out, x, w_gate_up, w_down, preact):
+        return reference.experts_backward(
+            grad_out, x, order, top_k, offsets, w_gate_up, w_down, preact, scale, activation, gated
+        )  # fmt: skip
     offsets, rows = offsets.int(), order // top_k
     scale = scale.contiguous() if scale is not None else None
-    if cutlass.takes(grad_out, h, weight):
-        h = h.contiguous()
+    preact = preact.contiguous()
+    # Down projection: g = grad_out[rows] @ W_down[e], the gradient at h before the routing weight.
+    if cutlass.takes(grad_out, w_down):
         grad_out_rows = gather_rows(grad_out, rows)
-        g = cutlass.row_grouped_mm(grad_out_rows, weight, offsets)
-        grad_h, grad_scale, scaled_h = down_grad_rows(g, h, offsets, scale)
-        grad_w = cutlass.k_grouped_mm(grad_out_rows, scaled_h if scale is not None else h, offsets)
-        return grad_h, grad_w, grad_scale if scale is not None else h.new_zeros(0)
-    grad_h = torch.empty_like(h, memory_format=torch.contiguous_format)
-    grad_scale = torch.zeros(h.shape[0] if scale is not None else 0, device=h.device, dtype=torch.float32)
-    grouped_gemm(
-        "down_grad", grad_out, offsets, weight, grad_h, n=h.shape[1], a_rows=rows, h=h, scale=scale,
-        rowdot=grad_scale if scale is not None else None,
-    )  # fmt: skip
-    grad_w = weight.new_empty(weight.shape)
-    weight_grad(grad_out, h, offsets, grad_w, left_rows=rows, scale=scale)
-    return grad_h, grad_w, grad_scale.to(scale.dtype if scale is not None else h.dtype)
+        g = cutlass.row_grouped_mm(grad_out_rows, w_down, offsets)
+    else:
+        grad_out_rows = None
+        g = grad_out.new_empty(rows.shape[0], w_down.shape[2])
+        grouped_gemm("store", grad_out, offsets, w_down, g, n=w_down.shape[2], a_rows=rows)
+    dpre, grad_scale, hs = mlp_grad_rows(g, preact, offsets, scale, activation, gated)
+    del g
+    if grad_out_rows is not None and cutlass.takes(grad_out_rows, hs):
+        grad_w_down = cutlass.k_grouped_mm(grad_out_rows, hs, offsets)
+    else:
+        grad_w_down = w_down.new_empty(w_down.shape)
+        weight_grad(grad_out, hs, offsets, grad_w_down, left_rows=rows)
+    del grad_out_rows, hs
+    # Gate/up projection, from d preact.
+    grad_x = combine_rows(_per_row_product(dpre, offsets, w_gate_up), order, top_k, offsets)
+    if cutlass.takes(dpre, x):
+        grad_w_gate_up = cutlass.k_grouped_mm(dpre, gather_rows(x, rows), offsets)
+    else:
+        grad_w_gate_up = w_gate_up.new_empty(w_gate_up.shape)
+        weight_grad(dpre, x, offsets, grad_w_gate_up, right_rows=rows)
+    return grad_x, grad_w_gate_up, grad_w_down, grad_scale if scale is not None else x.new_empty(0)
 
 
 def register() -> None:
     """Make these the CUDA implementations of ``torch.ops.prmc.*`` (CPU keeps the reference)."""
-    for name, fn in [
-        ("expert_gate_up", expert_gate_up),
-        ("expert_gate_up_backward", expert_gate_up_backward),
-        ("expert_down", expert_down),
-        ("expert_down_backward", expert_down_backward),
-    ]:
+    for name, fn in [("experts", experts), ("experts_backward", experts_backward)]:
         torch.library.register_kernel(f"prmc::{name}", "cuda", fn)
 
 

@@ -1,4 +1,4 @@
-"""Grouped weight gradient: ``grad_W[e] = sum over e's rows r of  scale[r] * L[l(r)]^T R[r(r)]``.
+"""Grouped weight gradient: ``grad_W[e] = sum over e's rows r of  L[l(r)]^T R[r(r)]``.
 
 The story
 ---------
@@ -10,15 +10,14 @@ weight gradients of an MoE layer are this kernel:
 weight              L (rows along K, columns -> P)    R (rows along K, -> Q)      out [E, P, Q]
 ==================  ================================  ==========================  ===============
 gate_up [E, F, H]   d preact (sorted rows)            x[rows] (gathered)          P = F, Q = H
-down    [E, H, I]   grad_out[rows] (gathered),        h (sorted rows)             P = H, Q = I
-                    times the routing weight
+down    [E, H, I]   grad_out[rows] (gathered)         scale * h (sorted rows)     P = H, Q = I
 ==================  ================================  ==========================  ===============
 
 One program per output tile (e, p-block, q-block): the output has a fixed size, so a plain grid needs
 no scheduler, and the hardware hands the long tiles of a hot expert and the short ones of a cold expert
 to free multiprocessors as they come. Each program walks its group's rows BLOCK_K at a time; rows past
-the group's end are masked to zero (they belong to the next expert). The gathers and the routing-weight
-scale happen on the tile as it is loaded, so neither a permuted copy nor a scaled copy is written.
+the group's end are masked to zero (they belong to the next expert). The gathers happen on the tile as it
+is loaded, so no permuted copy is written (``scale * h`` comes from :mod:`prmc.kernels.mlp_grad_rows`).
 
 On Hopper in bf16 the layer uses CUTLASS's K-grouped GEMM instead (:mod:`prmc.kernels.cutlass`), on a
 materialised gathered operand: measured on an H100 (benchmarks/KERNELS_NOTES.md, v3), this kernel, best
@@ -35,16 +34,16 @@ import triton.language as tl
 from prmc.kernels._triton_common import fp32_dot, gemm_configs, group_start, load_tile, mma, swizzle
 
 
-@triton.autotune(configs=gemm_configs("BLOCK_P", "BLOCK_Q"), key=["P", "Q", "GATHER_L", "GATHER_R", "HAS_SCALE"])
+@triton.autotune(configs=gemm_configs("BLOCK_P", "BLOCK_Q"), key=["P", "Q", "GATHER_L", "GATHER_R"])
 @triton.heuristics(
     {"EVEN_P": lambda args: args["P"] % args["BLOCK_P"] == 0, "EVEN_Q": lambda args: args["Q"] % args["BLOCK_Q"] == 0}
 )
 @triton.jit
 def weight_grad_kernel(
-    l_ptr, l_rows_ptr, r_ptr, r_rows_ptr, scale_ptr, offsets_ptr, out_ptr,
+    l_ptr, l_rows_ptr, r_ptr, r_rows_ptr, offsets_ptr, out_ptr,
     P, Q,
     stride_lm, stride_lp, stride_rm, stride_rq, stride_oe, stride_op, stride_oq,
-    GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, HAS_SCALE: tl.constexpr, FP32_DOT: tl.constexpr,
+    GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
     EVEN_P: tl.constexpr, EVEN_Q: tl.constexpr,
 ):  # fmt: skip
@@ -74,9 +73,6 @@ def weight_grad_kernel(
             r_row = offs_k.to(tl.int64)
         l_tile = load_tile(l_ptr + l_row[:, None] * stride_lm + offs_p[None, :] * stride_lp, k_mask, p_ok, True, not EVEN_P)
         r_tile = load_tile(r_ptr + r_row[:, None] * stride_rm + offs_q[None, :] * stride_rq, k_mask, q_ok, True, not EVEN_Q)
-        if HAS_SCALE:
-            row_scale = tl.load(scale_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            l_tile = (l_tile.to(tl.float32) * row_scale[:, None]).to(l_ptr.dtype.element_ty)
         acc = mma(tl.trans(l_tile), r_tile, acc, FP32_DOT)
 
     out_ptrs = out_ptr + e.to(tl.int64) * stride_oe + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq
@@ -91,9 +87,8 @@ def weight_grad(
     *,
     left_rows: torch.Tensor | None = None,
     right_rows: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
 ):
-    """Write ``out[e] = (scale * left[left_rows])[g_e].T @ right[right_rows][g_e]`` for every group g_e.
+    """Write ``out[e] = left[left_rows][g_e].T @ right[right_rows][g_e]`` for every group g_e.
     Returns the launched kernel (its ``asm``, ``n_regs``, ``n_spills`` for inspection).
 
     ``out`` is [E, P, Q] (any strides); P = left's columns, Q = right's columns.
@@ -105,11 +100,10 @@ def weight_grad(
 
     return weight_grad_kernel[grid](
         left, left_rows if left_rows is not None else offsets, right,
-        right_rows if right_rows is not None else offsets, scale if scale is not None else offsets, offsets, out,
+        right_rows if right_rows is not None else offsets, offsets, out,
         p, q,
         left.stride(0), left.stride(1), right.stride(0), right.stride(1), *out.stride(),
-        GATHER_L=left_rows is not None, GATHER_R=right_rows is not None, HAS_SCALE=scale is not None,
-        FP32_DOT=fp32_dot(left.dtype),
+        GATHER_L=left_rows is not None, GATHER_R=right_rows is not None, FP32_DOT=fp32_dot(left.dtype),
     )  # fmt: skip
 
 

@@ -9,7 +9,7 @@ Two ways a block reaches here:
   cannot be traced on sharded weights: Dynamo fails on the first op mixing DTensor and Tensor.) Nothing is
   rewritten; this pass checks the collective structure (below) and reports the blocks.
 * **Replicated weights** (``options["expert_parallel"] = mesh`` without ``shard_experts``): ``moe_dispatch``
-  lowered the block to ``sort_by_expert -> expert_gate_up -> expert_down`` (role-tagged nodes). This pass
+  lowered the block to ``sort_by_expert -> experts`` (role-tagged nodes). This pass
   replaces that with one ``call_function`` of :func:`ep_block` on this rank's slice of the weights; AOT
   autograd traces through it (``tolist`` becomes unbacked SymInts of Dynamo's ShapeEnv, with
   ``allow_scalar_outputs`` switched on for the trace). The weight gradient is zero outside this rank's
@@ -140,9 +140,9 @@ def _rewrite_lowered_blocks(gm: GraphModule, config, mesh, report) -> int:
             blocks.setdefault(m["block"], {}).setdefault(m["role"], []).append(n)
     done = 0
     for name, roles in blocks.items():
-        if "down" not in roles or "gate_up" not in roles or "dispatch" not in roles:
+        if "experts_out" not in roles or "experts" not in roles or "dispatch" not in roles:
             continue
-        down, gate_up, dispatch = roles["down"][0], roles["gate_up"][0], roles["dispatch"][0]
+        down, experts, dispatch = roles["experts_out"][0], roles["experts"][0], roles["dispatch"][0]
         spec = dispatch.meta["prmc"].get("spec")
         e = int(dispatch.args[1])
         if e % world != 0:
@@ -150,8 +150,7 @@ def _rewrite_lowered_blocks(gm: GraphModule, config, mesh, report) -> int:
                 f"prmc expert parallel: block {name} has {e} experts, which an expert-parallel mesh of size "
                 f"{world} does not divide; use a mesh size that divides {e}"
             )
-        x2d, _, _, _, w13, activation, gated = gate_up.args
-        _, _, w2, _, _, scale = down.args
+        x2d, _, _, _, w13, w2, scale, activation, gated = experts.args
         ids = dispatch.args[0]
         # scale = wts[order]: the routing weights per slot in token order
         wts = scale.args[0] if scale.op == "call_function" and scale.target is operator.getitem else None

@@ -8,8 +8,8 @@ Produces, right before the block's output and replacing it (routing stays the mo
     wts     = weights.reshape(-1)   (dense gate: gather(gate, 1, ids)) role "weights"
     sorted  = prmc.sort_by_expert(ids, E)                            role "dispatch"
     scale   = wts[sorted[0]]                                         role "scale"
-    gu      = prmc.expert_gate_up(x2d, sorted[0], K, sorted[2], W13, act, gated)   role "gate_up"
-    out     = prmc.expert_down(gu[0], sorted[2], W2, sorted[0], K, scale)          role "down"
+    ex      = prmc.experts(x2d, sorted[0], K, sorted[2], W13, W2, scale, act, gated)   role "experts"
+    out     = ex[0]                                                  role "experts_out"
 
 Every inserted node carries ``meta["prmc"] = {"block": name, "role": ...}`` (the dispatch node also
 ``"spec"``), which is what the expert-parallel, overlap and recompute passes match on. The original
@@ -35,7 +35,7 @@ def run(gm: GraphModule, config, report) -> None:
             block = report.block(spec.name)
             block.rewritten = True
             block.reason = ""
-            block.rewrites.append("sort_by_expert -> expert_gate_up -> expert_down")
+            block.rewrites.append("sort_by_expert -> experts")
 
 
 def _weight(graph, stack: WeightStack, tag) -> Node:
@@ -71,17 +71,14 @@ def _lower(gm: GraphModule, spec: MoESpec) -> None:
         order = tag(graph.call_function(operator.getitem, (dispatch, 0)), "order")
         offsets = tag(graph.call_function(operator.getitem, (dispatch, 2)), "offsets")
         scale = tag(graph.call_function(operator.getitem, (wts, order)), "scale")
-        gate_up = tag(
+        experts = tag(
             graph.call_function(
-                torch.ops.prmc.expert_gate_up.default,
-                (x2d, order, spec.top_k, offsets, w13, spec.activation, spec.gated),
+                torch.ops.prmc.experts.default,
+                (x2d, order, spec.top_k, offsets, w13, w2, scale, spec.activation, spec.gated),
             ),
-            "gate_up",
+            "experts",
         )
-        h = tag(graph.call_function(operator.getitem, (gate_up, 0)), "h")
-        out = tag(
-            graph.call_function(torch.ops.prmc.expert_down.default, (h, offsets, w2, order, spec.top_k, scale)), "down"
-        )
+        out = tag(graph.call_function(operator.getitem, (experts, 0)), "experts_out")
         y_value = y.meta["example_value"]
         if y_value.dtype != w_dtype:
             out = tag(graph.call_method("to", (out, y_value.dtype)), "output")

@@ -118,7 +118,7 @@ def run(gm: GraphModule, config, report) -> None:
         if any(is_ep_collective(n) for n in window):
             block = report.block(name)
             block.rewritten, block.form = True, "expert parallel (sharded experts)"
-            block.rewrites.append("prmc.distributed all-to-all dispatch -> expert_gate_up -> expert_down -> combine")
+            block.rewrites.append("prmc.distributed all-to-all dispatch -> experts -> combine")
             continue
         try:
             spec = _recognise_block(gm, topk, order, window)
@@ -618,8 +618,7 @@ def moe_experts(x2d, ids2d, w_flat, w13, w2, activation: str, gated: bool, num_e
     """Routed experts on one device, in prmc ops: [T, H] -> [T, H] (in x2d's dtype)."""
     top_k = ids2d.shape[1]
     order, _counts, offsets = torch.ops.prmc.sort_by_expert(ids2d, num_experts)
-    h, _preact = torch.ops.prmc.expert_gate_up(x2d, order, top_k, offsets, w13, activation, gated)
-    return torch.ops.prmc.expert_down(h, offsets, w2, order, top_k, w_flat[order])
+    return torch.ops.prmc.experts(x2d, order, top_k, offsets, w13, w2, w_flat[order], activation, gated)[0]
 
 
 class _Probe:
