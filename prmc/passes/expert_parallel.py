@@ -9,11 +9,10 @@ Two ways a block reaches here:
   cannot be traced on sharded weights: Dynamo fails on the first op mixing DTensor and Tensor.) Nothing is
   rewritten; this pass checks the collective structure (below) and reports the blocks.
 * **Replicated weights** (``options["expert_parallel"] = mesh`` without ``shard_experts``): ``moe_dispatch``
-  lowered the block to ``sort_by_expert -> experts`` (role-tagged nodes). This pass
-  replaces that with one ``call_function`` of :func:`ep_block` on this rank's slice of the weights; AOT
-  autograd traces through it (``tolist`` becomes unbacked SymInts of Dynamo's ShapeEnv, with
-  ``allow_scalar_outputs`` switched on for the trace). The weight gradient is zero outside this rank's
-  experts; an all-reduce over the EP (and DP) ranks, as plain data parallelism does
+  lowered the block to ``sort_by_expert -> experts`` (role-tagged nodes). This pass replaces that with one
+  ``call_function`` of :func:`ep_block` on this rank's slice of the weights; AOT autograd traces through it
+  (``tolist`` becomes unbacked SymInts of Dynamo's ShapeEnv, with ``allow_scalar_outputs`` switched on for
+  the trace). The weight gradient is zero outside this rank's experts; an all-reduce over the EP (and DP) ranks, as plain data parallelism does
   (``prmc.distributed.sync_gradients``), gives the global gradient.
 
 Structure check: before the graph is compiled (so before any of its collectives runs), the sequence of
@@ -142,7 +141,7 @@ def _rewrite_lowered_blocks(gm: GraphModule, config, mesh, report) -> int:
     for name, roles in blocks.items():
         if "experts_out" not in roles or "experts" not in roles or "dispatch" not in roles:
             continue
-        down, experts, dispatch = roles["experts_out"][0], roles["experts"][0], roles["dispatch"][0]
+        experts_out, experts, dispatch = roles["experts_out"][0], roles["experts"][0], roles["dispatch"][0]
         spec = dispatch.meta["prmc"].get("spec")
         e = int(dispatch.args[1])
         if e % world != 0:
@@ -157,16 +156,16 @@ def _rewrite_lowered_blocks(gm: GraphModule, config, mesh, report) -> int:
         if wts is None:
             raise RuntimeError(f"prmc expert parallel: block {name}: unexpected lowering (no scale = wts[order])")
         chunks = int(getattr(config, "overlap_chunks", 1) or 1)
-        with graph.inserting_before(down):
+        with graph.inserting_before(experts_out):
             out = graph.call_function(
                 ep_block,
                 (x2d, ids, wts, w13, w2),
                 dict(rank=rank, world=world, group_name=group_name, num_experts=e, activation=activation,
                      gated=gated, chunks=chunks),
             )
-        out.meta.update({k: v for k, v in down.meta.items() if k != "prmc"})
+        out.meta.update({k: v for k, v in experts_out.meta.items() if k != "prmc"})
         out.meta["prmc"] = {"block": name, "role": "ep", "spec": spec}
-        down.replace_all_uses_with(out)
+        experts_out.replace_all_uses_with(out)
         for n in reversed(list(graph.nodes)):
             m = n.meta.get("prmc")
             if m and m.get("block") == name and not n.users and n is not out and n.op == "call_function":
