@@ -12,8 +12,8 @@ Two ways a block reaches here:
   lowered the block to ``sort_by_expert -> experts`` (role-tagged nodes). This pass replaces that with one
   ``call_function`` of :func:`ep_block` on this rank's slice of the weights; AOT autograd traces through it
   (``tolist`` becomes unbacked SymInts of Dynamo's ShapeEnv, with ``allow_scalar_outputs`` switched on for
-  the trace). The weight gradient is zero outside this rank's experts; an all-reduce over the EP (and DP) ranks, as plain data parallelism does
-  (``prmc.distributed.sync_gradients``), gives the global gradient.
+  the trace). The weight gradient is zero outside this rank's experts; an all-reduce over the EP (and DP)
+  ranks, as plain data parallelism does (``prmc.distributed.sync_gradients``), gives the global gradient.
 
 Structure check: before the graph is compiled (so before any of its collectives runs), the sequence of
 collectives it will issue (op, process group, fixed or data-dependent splits, module path) is hashed and
