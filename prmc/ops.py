@@ -15,7 +15,9 @@ The granularity follows what later passes need as separate graph nodes:
                         It also returns the pre-activation, the one [M, F] tensor its backward keeps (``h``
                         is recomputed from it in the backward's fused per-row pass; the recompute pass
                         may choose to recompute it too).
-``experts_backward``    its backward, an op of its own so that kernels can replace it.
+``experts_backward``    its backward, an op of its own so that kernels can replace it. ``preact`` is
+                        differentiable too (its gradient adds to the one through ``h``), though the
+                        lowering never uses it.
 
 The expert ops take ``order`` (sort_by_expert's permutation: the slot ``t * top_k + k`` of each routed row)
 and ``top_k``, not just the token of each row: the permutation's inverse lists each token's rows, which
@@ -118,6 +120,7 @@ def _(x, order, top_k, offsets, w_gate_up, w_down, scale, activation, gated):
 @torch.library.custom_op("prmc::experts_backward", mutates_args=())
 def experts_backward(
     grad_out: Tensor,
+    grad_preact: Tensor | None,
     x: Tensor,
     order: Tensor,
     top_k: int,
@@ -132,12 +135,12 @@ def experts_backward(
     """-> (grad_x [T, H], grad_w_gate_up [E, F, H], grad_w_down [E, H, I], grad_scale [M], or [0] without
     ``scale``)."""
     return reference.experts_backward(
-        grad_out, x, order, top_k, offsets, w_gate_up, w_down, preact, scale, activation, gated
+        grad_out, grad_preact, x, order, top_k, offsets, w_gate_up, w_down, preact, scale, activation, gated
     )  # fmt: skip
 
 
 @experts_backward.register_fake
-def _(grad_out, x, order, top_k, offsets, w_gate_up, w_down, preact, scale, activation, gated):
+def _(grad_out, grad_preact, x, order, top_k, offsets, w_gate_up, w_down, preact, scale, activation, gated):
     grad_scale = scale.new_empty(scale.shape) if scale is not None else x.new_empty(0)
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
@@ -152,21 +155,19 @@ def _experts_setup(ctx, inputs, output):
     _, preact = output
     ctx.save_for_backward(x, order, offsets, w_gate_up, w_down, preact, scale)
     ctx.top_k, ctx.activation, ctx.gated, ctx.has_scale = top_k, activation, gated, scale is not None
-    # preact is an output for saving, not for use: no [M, F] zero gradient is made for it.
+    # preact is an output for saving: where nothing uses it, no [M, F] zero gradient is made for it.
     ctx.set_materialize_grads(False)
 
 
 def _experts_backward(ctx, grad_out, grad_preact):
-    if grad_preact is not None:
-        raise NotImplementedError(
-            "prmc.experts: its second output (preact) is saved for the backward, not differentiable; "
-            "use the first output"
-        )
-    if grad_out is None:
+    if grad_out is None and grad_preact is None:
         return (None,) * 9
     x, order, offsets, w_gate_up, w_down, preact, scale = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = x.new_zeros(x.shape)
     grad_x, grad_w_gate_up, grad_w_down, grad_scale = torch.ops.prmc.experts_backward(
-        grad_out.contiguous(), x, order, ctx.top_k, offsets, w_gate_up, w_down, preact,
+        grad_out.contiguous(), grad_preact.contiguous() if grad_preact is not None else None,
+        x, order, ctx.top_k, offsets, w_gate_up, w_down, preact,
         scale if ctx.has_scale else None, ctx.activation, ctx.gated,
     )  # fmt: skip
     grad_scale = grad_scale if ctx.has_scale else None

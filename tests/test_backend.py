@@ -328,3 +328,28 @@ def test_report_is_logged():
         torch._logging.set_logs()
         logger.removeHandler(handler)
     assert any("1 MoE block(s) rewritten" in r.getMessage() for r in records)
+
+
+def test_compile_caches_key_on_the_prmc_op_definitions(monkeypatch):
+    """AOT autograd's cache keys a graph by its forward, in which a prmc op's backward does not appear: it must
+    reuse a graph compiled with the same prmc op definitions and recompile after they change (a cached
+    backward built on an older experts_backward signature failed at its first call)."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import fresh_cache
+
+    from prmc.backend import OpsVersionTag
+
+    block = BLOCK_FORMS["qwen2_moe-batched_mm"](seed=1)  # a block AOT autograd's cache takes
+    x = models.make_inputs(block, seed=2)
+
+    def compile_and_step():
+        torch._dynamo.reset()
+        counters.clear()
+        _loss(torch.compile(block, backend="prmc")(x)).backward()
+        return counters["aot_autograd"]["autograd_cache_hit"], counters["aot_autograd"]["autograd_cache_miss"]
+
+    with fresh_cache():
+        assert compile_and_step() == (0, 1)
+        assert compile_and_step() == (1, 0)
+        monkeypatch.setattr(OpsVersionTag, "uuid", lambda self: b"other prmc op definitions")
+        assert compile_and_step() == (0, 1)

@@ -99,12 +99,14 @@ def check_case(case: Case, device) -> dict[str, float]:
         out_ref, preact_ref = reference.experts(d(x), *args, d(w_gate_up), d(w_down), d(s), case.activation, case.gated)
         errors[f"{name}.out"] = rel_err(out, out_ref)
         errors[f"{name}.preact"] = rel_err(preact, preact_ref)
-        # The backward takes the kernel's preact (rounded as the op saves it) so both sides see one input.
+        # The backward takes the kernel's preact (rounded as the op saves it) so both sides see one input;
+        # the unscaled pass also sends a gradient into preact itself (differentiable, never used by prmc).
+        grad_preact = randn(m, f) if s is None else None
         grads = triton_moe.experts_backward(
-            grad_out, x, *args, w_gate_up, w_down, preact, s, case.activation, case.gated
+            grad_out, grad_preact, x, *args, w_gate_up, w_down, preact, s, case.activation, case.gated
         )  # fmt: skip
         grads_ref = reference.experts_backward(
-            d(grad_out), d(x), *args, d(w_gate_up), d(w_down), d(preact), d(s), case.activation, case.gated
+            d(grad_out), d(grad_preact), d(x), *args, d(w_gate_up), d(w_down), d(preact), d(s), case.activation, case.gated
         )  # fmt: skip
         names = ["grad_x", "grad_w_gate_up", "grad_w_down"] + (["grad_scale"] if s is not None else [])
         for grad_name, grad, grad_ref in zip(names, grads, grads_ref):

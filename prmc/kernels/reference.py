@@ -154,10 +154,14 @@ def expert_gate_up_backward(
     preact: torch.Tensor,
     activation: str,
     gated: bool,
+    grad_preact: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns grad_x [T, H] (summed over each token's rows) and grad_weight [E, F, H]."""
+    """Returns grad_x [T, H] (summed over each token's rows) and grad_weight [E, F, H]; ``grad_preact``, a
+    gradient arriving at preact itself, adds to the one coming through h."""
     rows = order // top_k
     dpre = activate_backward(_acc(grad_h), _acc(preact), activation, gated)
+    if grad_preact is not None:
+        dpre = dpre + _acc(grad_preact)
     xs = _acc(x[rows])
     grad_xs = torch.zeros_like(xs)
     grad_w = xs.new_zeros(weight.shape)
@@ -248,6 +252,7 @@ def experts(
 
 def experts_backward(
     grad_out: torch.Tensor,
+    grad_preact: torch.Tensor | None,
     x: torch.Tensor,
     order: torch.Tensor,
     top_k: int,
@@ -259,10 +264,13 @@ def experts_backward(
     activation: str,
     gated: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> grad_x [T, H], grad_w_gate_up [E, F, H], grad_w_down [E, H, I], grad_scale [M] ([0] without scale)."""
+    """-> grad_x [T, H], grad_w_gate_up [E, F, H], grad_w_down [E, H, I], grad_scale [M] ([0] without scale).
+
+    ``grad_preact`` is the gradient of the second output (None where nothing used it, the usual case).
+    """
     h = activate(_acc(preact), activation, gated).to(preact.dtype)  # as the forward rounded it
     grad_h, grad_w_down, grad_scale = expert_down_backward(grad_out, h, offsets, w_down, order, top_k, scale)
     grad_x, grad_w_gate_up = expert_gate_up_backward(
-        grad_h, x, order, top_k, offsets, w_gate_up, preact, activation, gated
+        grad_h, x, order, top_k, offsets, w_gate_up, preact, activation, gated, grad_preact
     )  # fmt: skip
     return grad_x, grad_w_gate_up, grad_w_down, grad_scale

@@ -79,6 +79,7 @@ def experts(
 
 def experts_backward(
     grad_out: Tensor,
+    grad_preact: Tensor | None,
     x: Tensor,
     order: Tensor,
     top_k: int,
@@ -90,9 +91,9 @@ def experts_backward(
     activation: str,
     gated: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if not _kernels_take(grad_out, x, w_gate_up, w_down, preact):
+    if not _kernels_take(grad_out, grad_preact, x, w_gate_up, w_down, preact):
         return reference.experts_backward(
-            grad_out, x, order, top_k, offsets, w_gate_up, w_down, preact, scale, activation, gated
+            grad_out, grad_preact, x, order, top_k, offsets, w_gate_up, w_down, preact, scale, activation, gated
         )  # fmt: skip
     offsets, rows = offsets.int(), order // top_k
     scale = scale.contiguous() if scale is not None else None
@@ -107,6 +108,8 @@ def experts_backward(
         grouped_gemm("store", grad_out, offsets, w_down, g, n=w_down.shape[2], a_rows=rows)
     dpre, grad_scale, hs = mlp_grad_rows(g, preact, offsets, scale, activation, gated)
     del g
+    if grad_preact is not None:  # preact used beyond h: never by the lowering
+        dpre += grad_preact
     if grad_out_rows is not None and cutlass.takes(grad_out_rows, hs):
         grad_w_down = cutlass.k_grouped_mm(grad_out_rows, hs, offsets)
     else:
