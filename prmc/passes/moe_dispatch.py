@@ -12,8 +12,9 @@ Produces, right before the block's output and replacing it (routing stays the mo
     out     = ex[0]                                                  role "experts_out"
 
 Every inserted node carries ``meta["prmc"] = {"block": name, "role": ...}`` (the dispatch node also
-``"spec"``), which is what the expert-parallel, overlap and recompute passes match on. The original
-expert computation is erased where nothing else uses it.
+``"spec"``), which is what the expert-parallel, overlap and recompute passes match on, and, as Dynamo's
+own nodes do, ``meta["example_value"]`` (a fake tensor): AOT autograd's cache takes only graphs whose
+tensors all have one. The original expert computation is erased where nothing else uses it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import operator
 
 import torch
 from torch.fx import GraphModule, Node
+from torch.fx.node import map_arg
 
 from prmc.passes.recognise import MoESpec, WeightStack
 
@@ -87,6 +89,20 @@ def _lower(gm: GraphModule, spec: MoESpec) -> None:
     y.replace_all_uses_with(out)
     out.meta["prmc"]["spec"] = spec
     _erase_unused(graph, [*spec.region, y])
+    _add_example_values(graph, spec.tokens.meta["example_value"].fake_mode)
+
+
+def _add_example_values(graph, fake_mode) -> None:
+    """Run the inserted nodes (those without an ``example_value``) on their inputs' fake values."""
+    with fake_mode:
+        for n in graph.nodes:
+            if n.op not in ("call_function", "call_method") or "example_value" in n.meta:
+                continue
+            args, kwargs = map_arg((n.args, n.kwargs), lambda a: a.meta["example_value"])
+            if n.op == "call_function":
+                n.meta["example_value"] = n.target(*args, **kwargs)
+            else:
+                n.meta["example_value"] = getattr(args[0], n.target)(*args[1:], **kwargs)
 
 
 def _dtype(n: Node) -> torch.dtype:
