@@ -27,7 +27,7 @@ PASSES: dict[str, PassInfo] = {
     p.name: p
     for p in (
         PassInfo("recognise", "find MoE blocks (router, top-k, experts, combine) and describe each as an MoESpec"),
-        PassInfo("moe_dispatch", "rewrite each block into sort_by_expert -> expert_gate_up -> expert_down (dropless)"),
+        PassInfo("moe_dispatch", "rewrite each block into sort_by_expert -> experts (dropless)"),
         PassInfo(
             "expert_parallel",
             "EP form of each block: all-to-all dispatch/combine with variable splits (dropless); "
