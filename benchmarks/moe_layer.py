@@ -136,6 +136,19 @@ def bench_config(name, tokens, device):
     return results
 
 
+def layer_inputs(name, tokens, device):
+    """(x, w_gate_up, w_down, ids, weights, grad_out) of one layer, bf16, seeded: what --breakdown and
+    --profile run on."""
+    hidden, inter, experts, top_k, hot = CONFIGS[name]
+    torch.manual_seed(0)
+    bf16 = dict(device=device, dtype=torch.bfloat16)
+    x = torch.randn(tokens, hidden, **bf16)
+    w_gate_up = torch.randn(experts, 2 * inter, hidden, **bf16) * hidden**-0.5
+    w_down = torch.randn(experts, hidden, inter, **bf16) * inter**-0.5
+    ids, weights = make_routing(tokens, experts, top_k, hot, device)
+    return x, w_gate_up, w_down, ids, weights, torch.randn(tokens, hidden, **bf16)
+
+
 def breakdown(name, tokens, device) -> None:
     """Time each kernel launch of the prmc layer (fwd and bwd) on its own: where the time goes. Lines marked
     "alt" are the Triton grouped GEMM doing the product CUTLASS does above them (the choice, measured)."""
@@ -147,19 +160,14 @@ def breakdown(name, tokens, device) -> None:
     from prmc.kernels.grouped_gemm import grouped_gemm
     from prmc.kernels.mlp_grad_rows import mlp_grad_rows
 
-    hidden, inter, experts, top_k, hot = CONFIGS[name]
-    torch.manual_seed(0)
+    hidden, inter, experts, top_k, _ = CONFIGS[name]
     bf16 = dict(device=device, dtype=torch.bfloat16)
-    x = torch.randn(tokens, hidden, **bf16)
-    w_gate_up = torch.randn(experts, 2 * inter, hidden, **bf16) * hidden**-0.5
-    w_down = torch.randn(experts, hidden, inter, **bf16) * inter**-0.5
-    ids, weights = make_routing(tokens, experts, top_k, hot, device)
+    x, w_gate_up, w_down, ids, weights, grad_out = layer_inputs(name, tokens, device)
     order, _, offsets = torch.ops.prmc.sort_by_expert(ids, experts)
     rows, scale = order // top_k, weights.reshape(-1)[order]
     m = rows.shape[0]
     h, preact = torch.empty(m, inter, **bf16), torch.empty(m, 2 * inter, **bf16)
     grouped_gemm("gate_up", x, offsets, w_gate_up.transpose(1, 2), preact, n=inter, a_rows=rows, h=h, gated=True)
-    grad_out = torch.randn(tokens, hidden, **bf16)
     grad_out_rows = gather_rows(grad_out, rows)
     x_rows = gather_rows(x, rows)
     g = cutlass.row_grouped_mm(grad_out_rows, w_down, offsets)
@@ -203,16 +211,8 @@ def profile(name, tokens, device) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    hidden, inter, experts, top_k, hot = CONFIGS[name]
-    torch.manual_seed(0)
-    bf16 = dict(device=device, dtype=torch.bfloat16)
-    x = torch.randn(tokens, hidden, **bf16, requires_grad=True)
-    w_gate_up = (torch.randn(experts, 2 * inter, hidden, **bf16) * hidden**-0.5).requires_grad_()
-    w_down = (torch.randn(experts, hidden, inter, **bf16) * inter**-0.5).requires_grad_()
-    ids, weights = make_routing(tokens, experts, top_k, hot, device)
-    weights.requires_grad_()
-    grad_out = torch.randn(tokens, hidden, **bf16)
-    params = [x, weights, w_gate_up, w_down]
+    x, w_gate_up, w_down, ids, weights, grad_out = layer_inputs(name, tokens, device)
+    params = [t.requires_grad_() for t in (x, weights, w_gate_up, w_down)]
 
     def step():
         for p in params:

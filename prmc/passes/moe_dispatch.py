@@ -29,15 +29,19 @@ from prmc.passes.recognise import MoESpec, WeightStack
 
 
 def run(gm: GraphModule, config, report) -> None:
+    fake_mode = None
     for node in list(gm.graph.nodes):
         meta = node.meta.get("prmc")
         if meta and meta.get("role") == "moe_output":
             spec: MoESpec = meta["spec"]
             _lower(gm, spec)
+            fake_mode = spec.tokens.meta["example_value"].fake_mode
             block = report.block(spec.name)
             block.rewritten = True
             block.reason = ""
             block.rewrites.append("sort_by_expert -> experts")
+    if fake_mode is not None:
+        _add_example_values(gm.graph, fake_mode)
 
 
 def _weight(graph, stack: WeightStack, tag) -> Node:
@@ -89,7 +93,6 @@ def _lower(gm: GraphModule, spec: MoESpec) -> None:
     y.replace_all_uses_with(out)
     out.meta["prmc"]["spec"] = spec
     _erase_unused(graph, [*spec.region, y])
-    _add_example_values(graph, spec.tokens.meta["example_value"].fake_mode)
 
 
 def _add_example_values(graph, fake_mode) -> None:
