@@ -16,7 +16,7 @@ import torch
 
 import prmc  # noqa: F401  (registers torch.ops.prmc.* and their CUDA kernels)
 from prmc.kernels import reference
-from prmc.kernels.check import Case, check_case, random_routing, rel_err
+from prmc.kernels.check import Case, check_case, rel_err
 
 # bf16 operands: the reference op itself, run in bf16, lands near 3e-3 (preact and h are rounded).
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -38,17 +38,40 @@ def check_ops_autograd(tokens=2048, hidden=1024, inter=768, experts=16, top_k=4)
     w1 = torch.randn(experts, 2 * inter, hidden, device=dev) / hidden**0.5
     w2 = torch.randn(experts, hidden, inter, device=dev) / inter**0.5
     weights = torch.rand(tokens * top_k, device=dev)
-    order, offsets = random_routing(tokens, experts, top_k, dev)
+    expert_ids = torch.rand(tokens, experts, device=dev).topk(top_k, dim=-1).indices
+    order, _, offsets, inverse = torch.ops.prmc.sort_by_expert(expert_ids, experts)  # the Triton counting sort
     grad_out = torch.randn(tokens, hidden, device=dev)
 
     results = []
     for layer, dtype in [(torch.ops.prmc.experts, torch.bfloat16), (reference.experts, torch.float64)]:
         inputs = [t.to(dtype).requires_grad_() for t in (x, w1, w2, weights)]
-        out, _ = layer(inputs[0], order, top_k, offsets, inputs[1], inputs[2], inputs[3], "silu", True)
+        out, _ = layer(inputs[0], order, inverse, top_k, offsets, inputs[1], inputs[2], inputs[3], "silu", True)
         grads = torch.autograd.grad(out, inputs, grad_out.to(dtype))
         results.append((out, *grads))
     names = ["out", "grad_x", "grad_w_gate_up", "grad_w_down", "grad_scale"]
     return {f"ops autograd.{n}": rel_err(a, b) for n, a, b in zip(names, *results)}
+
+
+def check_sort_by_expert() -> list[str]:
+    """The CUDA sort_by_expert (Triton counting sort) against the reference (torch.sort), bitwise: the names of
+    the cases where any output differs."""
+    dev = torch.device("cuda")
+    cases = {
+        "qwen3 65536 slots, 128 experts": torch.rand(8192, 128, device=dev).topk(8, dim=-1).indices,
+        "skewed, 1000 unrouted, int32": torch.randint(0, 4, (8192, 6), device=dev, dtype=torch.int32),
+        "256 experts": torch.rand(4096, 256, device=dev).topk(8, dim=-1).indices,
+        "odd: 1001 x 3 of 7 experts": torch.randint(-1, 8, (1001, 3), device=dev),
+    }
+    cases["skewed, 1000 unrouted, int32"].view(-1)[:1000] = 64  # ids past E (64 experts below) route nowhere
+    experts = {"qwen3 65536 slots, 128 experts": 128, "256 experts": 256, "odd: 1001 x 3 of 7 experts": 7}
+    failed = []
+    for name, ids in cases.items():
+        e = experts.get(name, 64)
+        got, want = torch.ops.prmc.sort_by_expert(ids, e), reference.sort_by_expert(ids, e)
+        same = all(torch.equal(a, b) for a, b in zip(got, want))
+        print(f"sort_by_expert {name:36s} {'ok' if same else 'FAIL'}")
+        failed += [] if same else [f"sort_by_expert {name}"]
+    return failed
 
 
 def main(only: list[str]) -> int:
@@ -66,6 +89,7 @@ def main(only: list[str]) -> int:
         failed += [f"{name}: {k}" for k in bad]
         status = "ok" if not bad else f"FAIL {bad}"
         print(f"{name:42s} worst {worst} {errors[worst]:.2e} ({time.perf_counter() - start:.1f} s) {status}")
+    failed += check_sort_by_expert()
     errors = check_ops_autograd()
     bad = {k: v for k, v in errors.items() if not v <= TOLERANCE[torch.bfloat16]}
     failed += list(bad)

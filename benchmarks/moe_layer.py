@@ -51,9 +51,9 @@ def make_routing(tokens, experts, top_k, hot, device):
 
 def prmc_experts(x, ids, weights, w_gate_up, w_down):
     top_k = ids.shape[1]
-    order, _, offsets = torch.ops.prmc.sort_by_expert(ids, w_gate_up.shape[0])
-    scale = weights.reshape(-1)[order]
-    return torch.ops.prmc.experts(x, order, top_k, offsets, w_gate_up, w_down, scale, "silu", True)[0]
+    order, _, offsets, inverse = torch.ops.prmc.sort_by_expert(ids, w_gate_up.shape[0])
+    scale = weights.reshape(-1)  # slot order
+    return torch.ops.prmc.experts(x, order, inverse, top_k, offsets, w_gate_up, w_down, scale, "silu", True)[0]
 
 
 def transformers_experts(hidden, inter, experts, top_k, implementation):
@@ -163,15 +163,15 @@ def breakdown(name, tokens, device) -> None:
     hidden, inter, experts, top_k, _ = CONFIGS[name]
     bf16 = dict(device=device, dtype=torch.bfloat16)
     x, w_gate_up, w_down, ids, weights, grad_out = layer_inputs(name, tokens, device)
-    order, _, offsets = torch.ops.prmc.sort_by_expert(ids, experts)
-    rows, scale = order // top_k, weights.reshape(-1)[order]
+    order, _, offsets, inverse = torch.ops.prmc.sort_by_expert(ids, experts)
+    rows, scale = order // top_k, weights.reshape(-1)
     m = rows.shape[0]
     h, preact = torch.empty(m, inter, **bf16), torch.empty(m, 2 * inter, **bf16)
     grouped_gemm("gate_up", x, offsets, w_gate_up.transpose(1, 2), preact, n=inter, a_rows=rows, h=h, gated=True)
     grad_out_rows = gather_rows(grad_out, rows)
     x_rows = gather_rows(x, rows)
     g = cutlass.row_grouped_mm(grad_out_rows, w_down, offsets)
-    dpre, _, hs = mlp_grad_rows(g, preact, offsets, scale, "silu", True)
+    dpre, _, hs = mlp_grad_rows(g, preact, offsets, scale, order, "silu", True)
     y = torch.empty(m, hidden, **bf16)
     g_alt = torch.empty_like(h)
     gemm = 2 * m * hidden * inter  # one [M, H] x [H, I] product
@@ -180,15 +180,15 @@ def breakdown(name, tokens, device) -> None:
         "gate_up fwd (Triton: gather, act)": (lambda: grouped_gemm("gate_up", x, offsets, w_gate_up.transpose(1, 2), preact, n=inter, a_rows=rows, h=h, gated=True), 2 * gemm),
         "down fwd (CUTLASS)": (lambda: cutlass.row_grouped_mm(h, w_down.transpose(1, 2), offsets), gemm),
         "  alt down fwd (Triton store)": (lambda: grouped_gemm("store", h, offsets, w_down.transpose(1, 2), y, n=hidden), gemm),
-        "down fwd combine (scale)": (lambda: combine_rows(y, order, top_k, offsets, scale), 0),
+        "down fwd combine (scale)": (lambda: combine_rows(y, inverse, top_k, offsets, scale), 0),
         "gather grad_out rows": (lambda: gather_rows(grad_out, rows), 0),
         "down grad_h (CUTLASS)": (lambda: cutlass.row_grouped_mm(grad_out_rows, w_down, offsets), gemm),
         "  alt down grad_h (Triton gather)": (lambda: grouped_gemm("store", grad_out, offsets, w_down, g_alt, n=inter, a_rows=rows), gemm),
-        "mlp_grad_rows (d preact, grad_scale, scale*h)": (lambda: mlp_grad_rows(g, preact, offsets, scale, "silu", True), 0),
+        "mlp_grad_rows (d preact, grad_scale, scale*h)": (lambda: mlp_grad_rows(g, preact, offsets, scale, order, "silu", True), 0),
         "down grad_w (CUTLASS)": (lambda: cutlass.k_grouped_mm(grad_out_rows, hs, offsets), gemm),
         "gate_up grad_x (CUTLASS)": (lambda: cutlass.row_grouped_mm(dpre, w_gate_up, offsets), 2 * gemm),
         "  alt grad_x (Triton store)": (lambda: grouped_gemm("store", dpre, offsets, w_gate_up, y, n=hidden), 2 * gemm),
-        "gate_up grad_x combine": (lambda: combine_rows(y, order, top_k, offsets), 0),
+        "gate_up grad_x combine": (lambda: combine_rows(y, inverse, top_k, offsets), 0),
         "gather x rows": (lambda: gather_rows(x, rows), 0),
         "gate_up grad_w (CUTLASS)": (lambda: cutlass.k_grouped_mm(dpre, x_rows, offsets), 2 * gemm),
     }  # fmt: skip

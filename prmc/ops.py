@@ -7,8 +7,9 @@ traces. The default implementation of each op is its pure-PyTorch reference
 
 The granularity follows what later passes need as separate graph nodes:
 
-``sort_by_expert``      dispatch: route table -> expert-sorted order, counts, offsets. The recompute pass
-                        saves its outputs; expert parallelism exchanges ``counts`` and permutes by ``order``.
+``sort_by_expert``      dispatch: route table -> expert-sorted order, counts, offsets, inverse order. The
+                        recompute pass saves its outputs; expert parallelism exchanges ``counts`` and
+                        permutes by ``order``.
 ``experts``             the routed experts of a block: gather rows, grouped GEMM (gate/up), activation,
                         grouped GEMM (down), routing weight, sum per token (the combine). With expert
                         parallelism (``top_k`` 1, no routing weight) it returns the rows in received order.
@@ -19,9 +20,10 @@ The granularity follows what later passes need as separate graph nodes:
                         differentiable too (its gradient adds to the one through ``h``), though the
                         lowering never uses it.
 
-The expert ops take ``order`` (sort_by_expert's permutation: the slot ``t * top_k + k`` of each routed row)
-and ``top_k``, not just the token of each row: the permutation's inverse lists each token's rows, which
-the combines need (:mod:`prmc.kernels.reference` has the conventions).
+The expert ops take ``order`` (sort_by_expert's permutation: the slot ``t * top_k + k`` of each routed row),
+its ``inverse`` and ``top_k``, not just the token of each row: the inverse lists each token's rows, which
+the combines need. The routing weights ``scale`` stay in slot order (the router's [T, K], flattened), so the
+lowering feeds them without a gather (:mod:`prmc.kernels.reference` has the conventions).
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ __all__ = ["sort_by_expert", "experts"]
 
 
 @torch.library.custom_op("prmc::sort_by_expert", mutates_args=())
-def sort_by_expert(expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
-    """[T, K] expert ids -> (order [T*K] int64, counts [E] int64, offsets [E] int32)."""
+def sort_by_expert(expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """[T, K] expert ids -> (order [T*K] int64, counts [E] int64, offsets [E] int32, inverse [T*K] int64)."""
     return reference.sort_by_expert(expert_ids, num_experts)
 
 
@@ -48,12 +50,14 @@ def _(expert_ids: Tensor, num_experts: int):
         torch.empty(m, dtype=torch.int64, device=dev),
         torch.empty(num_experts, dtype=torch.int64, device=dev),
         torch.empty(num_experts, dtype=torch.int32, device=dev),
+        torch.empty(m, dtype=torch.int64, device=dev),
     )
 
 
 def _check_experts(
     x: Tensor,
     order: Tensor,
+    inverse: Tensor,
     top_k: int,
     offsets: Tensor,
     w_gate_up: Tensor,
@@ -73,6 +77,10 @@ def _check_experts(
         order.shape[0] == x.shape[0] * top_k,
         lambda: f"prmc.experts: order has {order.shape[0]} slots, expected {x.shape[0]} tokens x top_k {top_k}",
     )
+    torch._check(
+        inverse.shape == order.shape,
+        lambda: f"prmc.experts: inverse must be [M] like order {shape(order)}, got {shape(inverse)}",
+    )
     torch._check(w_gate_up.dim() == 3, lambda: f"prmc.experts: w_gate_up must be [E, F, H], got {shape(w_gate_up)}")
     torch._check(w_down.dim() == 3, lambda: f"prmc.experts: w_down must be [E, H, I], got {shape(w_down)}")
     torch._check(
@@ -88,7 +96,10 @@ def _check_experts(
     )
     torch._check(offsets.shape[0] == w_gate_up.shape[0], lambda: "prmc.experts: one offset per expert")
     if scale is not None:
-        torch._check(scale.shape == order.shape, lambda: f"prmc.experts: scale must be [M], got {shape(scale)}")
+        torch._check(
+            scale.shape == order.shape,
+            lambda: f"prmc.experts: scale must be [M] (the [T, K] routing weights flattened), got {shape(scale)}",
+        )
     if activation not in reference.ACTIVATIONS:
         raise ValueError(f"prmc.experts: unknown activation {activation!r}; expected one of {reference.ACTIVATIONS}")
 
@@ -97,6 +108,7 @@ def _check_experts(
 def experts(
     x: Tensor,
     order: Tensor,
+    inverse: Tensor,
     top_k: int,
     offsets: Tensor,
     w_gate_up: Tensor,
@@ -105,15 +117,15 @@ def experts(
     activation: str,
     gated: bool,
 ) -> tuple[Tensor, Tensor]:
-    """x [T, H], order [M = T*top_k], offsets [E], w_gate_up [E, F, H], w_down [E, H, I], scale [M]?
-    -> (out [T, H], preact [M, F])."""
-    _check_experts(x, order, top_k, offsets, w_gate_up, w_down, scale, activation, gated)
-    return reference.experts(x, order, top_k, offsets, w_gate_up, w_down, scale, activation, gated)
+    """x [T, H], order and inverse [M = T*top_k], offsets [E], w_gate_up [E, F, H], w_down [E, H, I], scale [M]?
+    (slot order) -> (out [T, H], preact [M, F])."""
+    _check_experts(x, order, inverse, top_k, offsets, w_gate_up, w_down, scale, activation, gated)
+    return reference.experts(x, order, inverse, top_k, offsets, w_gate_up, w_down, scale, activation, gated)
 
 
 @experts.register_fake
-def _(x, order, top_k, offsets, w_gate_up, w_down, scale, activation, gated):
-    _check_experts(x, order, top_k, offsets, w_gate_up, w_down, scale, activation, gated)
+def _(x, order, inverse, top_k, offsets, w_gate_up, w_down, scale, activation, gated):
+    _check_experts(x, order, inverse, top_k, offsets, w_gate_up, w_down, scale, activation, gated)
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(order.shape[0], w_gate_up.shape[1])
 
 
@@ -123,6 +135,7 @@ def experts_backward(
     grad_preact: Tensor | None,
     x: Tensor,
     order: Tensor,
+    inverse: Tensor,
     top_k: int,
     offsets: Tensor,
     w_gate_up: Tensor,
@@ -132,15 +145,15 @@ def experts_backward(
     activation: str,
     gated: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (grad_x [T, H], grad_w_gate_up [E, F, H], grad_w_down [E, H, I], grad_scale [M], or [0] without
-    ``scale``)."""
+    """-> (grad_x [T, H], grad_w_gate_up [E, F, H], grad_w_down [E, H, I], grad_scale [M] in slot order, or
+    [0] without ``scale``)."""
     return reference.experts_backward(
-        grad_out, grad_preact, x, order, top_k, offsets, w_gate_up, w_down, preact, scale, activation, gated
+        grad_out, grad_preact, x, order, inverse, top_k, offsets, w_gate_up, w_down, preact, scale, activation, gated
     )  # fmt: skip
 
 
 @experts_backward.register_fake
-def _(grad_out, grad_preact, x, order, top_k, offsets, w_gate_up, w_down, preact, scale, activation, gated):
+def _(grad_out, grad_preact, x, order, inverse, top_k, offsets, w_gate_up, w_down, preact, scale, activation, gated):
     grad_scale = scale.new_empty(scale.shape) if scale is not None else x.new_empty(0)
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
@@ -151,9 +164,9 @@ def _(grad_out, grad_preact, x, order, top_k, offsets, w_gate_up, w_down, preact
 
 
 def _experts_setup(ctx, inputs, output):
-    x, order, top_k, offsets, w_gate_up, w_down, scale, activation, gated = inputs
+    x, order, inverse, top_k, offsets, w_gate_up, w_down, scale, activation, gated = inputs
     _, preact = output
-    ctx.save_for_backward(x, order, offsets, w_gate_up, w_down, preact, scale)
+    ctx.save_for_backward(x, order, inverse, offsets, w_gate_up, w_down, preact, scale)
     ctx.top_k, ctx.activation, ctx.gated, ctx.has_scale = top_k, activation, gated, scale is not None
     # preact is an output for saving: where nothing uses it, no [M, F] zero gradient is made for it.
     ctx.set_materialize_grads(False)
@@ -161,17 +174,17 @@ def _experts_setup(ctx, inputs, output):
 
 def _experts_backward(ctx, grad_out, grad_preact):
     if grad_out is None and grad_preact is None:
-        return (None,) * 9
-    x, order, offsets, w_gate_up, w_down, preact, scale = ctx.saved_tensors
+        return (None,) * 10
+    x, order, inverse, offsets, w_gate_up, w_down, preact, scale = ctx.saved_tensors
     if grad_out is None:
         grad_out = x.new_zeros(x.shape)
     grad_x, grad_w_gate_up, grad_w_down, grad_scale = torch.ops.prmc.experts_backward(
         grad_out.contiguous(), grad_preact.contiguous() if grad_preact is not None else None,
-        x, order, ctx.top_k, offsets, w_gate_up, w_down, preact,
+        x, order, inverse, ctx.top_k, offsets, w_gate_up, w_down, preact,
         scale if ctx.has_scale else None, ctx.activation, ctx.gated,
     )  # fmt: skip
     grad_scale = grad_scale if ctx.has_scale else None
-    return grad_x, None, None, None, grad_w_gate_up, grad_w_down, grad_scale, None, None
+    return grad_x, None, None, None, None, grad_w_gate_up, grad_w_down, grad_scale, None, None
 
 
 experts.register_autograd(_experts_backward, setup_context=_experts_setup)

@@ -155,8 +155,8 @@ def _case_dispatch(rank, world, mesh, chunks, skew):
     a_full, b_full = w13.clone().requires_grad_(), w2.clone().requires_grad_()
     ref_out = []
     for s in range(world):
-        order, _, off = torch.ops.prmc.sort_by_expert(ids[s], e)
-        o, _ = torch.ops.prmc.experts(xs[s], order, k, off, a_full, b_full, wts[s].reshape(-1)[order], "silu", True)
+        order, _, off, inverse = torch.ops.prmc.sort_by_expert(ids[s], e)
+        o, _ = torch.ops.prmc.experts(xs[s], order, inverse, k, off, a_full, b_full, wts[s].reshape(-1), "silu", True)
         (o * torch.arange(h)).sum().backward()
         ref_out.append(o.detach())
     x = xs[rank].clone().requires_grad_()

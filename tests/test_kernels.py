@@ -68,9 +68,10 @@ def test_kernels_match_reference(name, interpreter_errors):
     assert not bad, f"{name}: relative errors over {TOLERANCE[case.dtype]:g}: {bad}"
 
 
-@pytest.mark.parametrize("name", ["gather_rows", "combine_rows"])
+@pytest.mark.parametrize("name", ["gather_rows", "combine_rows", "sort_by_expert"])
 def test_row_kernels(name, interpreter_errors):
-    """The gather feeding CUTLASS on Hopper, and the per-token combine (exact sums in fp32 inputs)."""
+    """The gather feeding CUTLASS on Hopper, the per-token combine (exact sums in fp32 inputs), and the
+    dispatch's counting sort (its errors are counts of wrong integers, so any mismatch fails)."""
     errors = interpreter_errors[name]
     bad = {k: v for k, v in errors.items() if not v <= TOLERANCE[torch.float32]}
     assert len(errors) >= 2 and not bad, errors
@@ -95,24 +96,66 @@ def check_combine_rows() -> dict[str, float]:
     m, routed = tokens * top_k, (tokens - 1) * top_k
     slots = torch.randperm(m)
     order = torch.cat([slots[slots // top_k != 3], torch.arange(3 * top_k, 4 * top_k)])  # token 3: unrouted
-    y, scale = torch.randn(m, 33), torch.rand(m) + 0.1
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(m)
+    y, scale = torch.randn(m, 33), torch.rand(m) + 0.1  # scale in slot order
     offsets = torch.tensor([20, 20, routed], dtype=torch.int32)  # an empty group
 
     def expected(k, s):
-        contrib = y[:routed].double() * (s[:routed].double()[:, None] if s is not None else 1.0)
+        contrib = y[:routed].double() * (s[order[:routed]].double()[:, None] if s is not None else 1.0)
         return torch.zeros(m // k, 33, dtype=torch.float64).index_add_(0, order[:routed] // k, contrib)
 
-    out = combine_rows(y, order, top_k, offsets, scale)
+    out = combine_rows(y, inverse, top_k, offsets, scale)
     return {
         "scaled": rel_err(out, expected(top_k, scale)),
-        "unscaled": rel_err(combine_rows(y, order, top_k, offsets), expected(top_k, None)),
-        "top-1": rel_err(combine_rows(y, order, 1, offsets, scale), expected(1, scale)),
-        "bitwise repeatable": float(not torch.equal(out, combine_rows(y, order, top_k, offsets, scale))),
+        "unscaled": rel_err(combine_rows(y, inverse, top_k, offsets), expected(top_k, None)),
+        "top-1": rel_err(combine_rows(y, inverse, 1, offsets, scale), expected(1, scale)),
+        "bitwise repeatable": float(not torch.equal(out, combine_rows(y, inverse, top_k, offsets, scale))),
         "unrouted token is zero": out[3].abs().max().item(),
     }
 
 
-EXTRA_CHECKS = {"gather_rows": check_gather_rows, "combine_rows": check_combine_rows}
+def check_sort_by_expert() -> dict[str, float]:
+    """Each output element for element against a stable torch.sort (errors: how many differ)."""
+    from prmc.kernels.sort_by_expert import blocking, sort_by_expert
+
+    def mismatches(ids, experts):
+        flat = ids.reshape(-1).long()
+        keys = torch.where((flat >= 0) & (flat < experts), flat, experts)
+        order = torch.sort(keys, stable=True).indices
+        counts = torch.bincount(keys, minlength=experts + 1)[:experts]
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.shape[0])
+        expected = (order, counts, counts.cumsum(0).to(torch.int32), inverse)
+        return sum(
+            float((got != want).sum()) if got.shape == want.shape and got.dtype == want.dtype else float("inf")
+            for got, want in zip(sort_by_expert(ids, experts), expected)
+        )
+
+    skipped = torch.randint(0, 5, (31, 3))
+    skipped += skipped >= 2  # expert 2 of 6 gets nothing
+    # several segments of several chunks, the last one short
+    _, chunk, seg = blocking(150, 7)
+    layout_ok = seg > chunk and 150 // seg >= 2 and 150 % seg
+    return {
+        "random": mismatches(torch.randint(0, 5, (37, 3)), 5),
+        "out of range both sides": mismatches(torch.randint(-3, 8, (37, 3)), 5),
+        "one expert": mismatches(torch.randint(-1, 2, (29, 2)), 1),
+        "empty expert, 6 experts": mismatches(skipped, 6),
+        "int32": mismatches(torch.randint(-2, 7, (37, 3), dtype=torch.int32), 5),
+        "uint8": mismatches(torch.randint(0, 8, (37, 3), dtype=torch.uint8), 6),
+        "no slots": mismatches(torch.zeros(0, 3, dtype=torch.int64), 4),
+        "segments": mismatches(torch.randint(-1, 8, (150, 1)), 7) if layout_ok else float("inf"),
+        "40 experts: several programs scan the counts": mismatches(torch.randint(-1, 41, (53, 4)), 40),
+        "past MAX_EXPERTS (torch path)": mismatches(torch.randint(-1, 700, (37, 3)), 600),
+    }
+
+
+EXTRA_CHECKS = {
+    "gather_rows": check_gather_rows,
+    "combine_rows": check_combine_rows,
+    "sort_by_expert": check_sort_by_expert,
+}
 
 
 def run_case(name: str) -> dict[str, float]:

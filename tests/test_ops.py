@@ -17,7 +17,7 @@ def _layer(tokens=6, hidden=5, inter=4, experts=3, top_k=2, gated=True, seed=0):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
     ids[0] = torch.arange(top_k) + experts - top_k  # the last experts see at least one token
-    order, _, offsets = torch.ops.prmc.sort_by_expert(ids, experts)
+    order, _, offsets, inverse = torch.ops.prmc.sort_by_expert(ids, experts)
     f = 2 * inter if gated else inter
 
     def rand(*shape):
@@ -26,6 +26,7 @@ def _layer(tokens=6, hidden=5, inter=4, experts=3, top_k=2, gated=True, seed=0):
     return {
         "x": rand(tokens, hidden),
         "order": order,
+        "inverse": inverse,
         "top_k": top_k,
         "offsets": offsets,
         "w_gate_up": rand(experts, f, hidden) * hidden**-0.5,
@@ -36,17 +37,18 @@ def _layer(tokens=6, hidden=5, inter=4, experts=3, top_k=2, gated=True, seed=0):
 
 def _args(layer, activation="silu", gated=True, scale=True):
     return (
-        layer["x"], layer["order"], layer["top_k"], layer["offsets"], layer["w_gate_up"], layer["w_down"],
+        layer["x"], layer["order"], layer["inverse"], layer["top_k"], layer["offsets"], layer["w_gate_up"], layer["w_down"],
         layer["scale"] if scale else None, activation, gated,
     )  # fmt: skip
 
 
 def test_sort_by_expert_opcheck():
-    ids = torch.tensor([[2, 0], [1, 2], [2, 1]])
+    ids = torch.tensor([[2, 0], [1, 2], [2, 1], [-1, 4]])  # -1 and 4 route nowhere (4 experts)
     torch.library.opcheck(torch.ops.prmc.sort_by_expert.default, (ids, 4))
-    order, counts, offsets = torch.ops.prmc.sort_by_expert(ids, 4)
-    assert order.tolist() == [1, 2, 5, 0, 3, 4]  # stable: ties keep slot order
+    order, counts, offsets, inverse = torch.ops.prmc.sort_by_expert(ids, 4)
+    assert order.tolist() == [1, 2, 5, 0, 3, 4, 6, 7]  # stable: ties keep slot order; unrouted slots last
     assert counts.tolist() == [1, 2, 3, 0] and offsets.tolist() == [1, 3, 6, 6]
+    assert inverse.tolist() == [3, 0, 1, 4, 5, 2, 6, 7]
 
 
 @pytest.mark.parametrize("gated,scale", [(True, True), (False, False)])
@@ -65,7 +67,8 @@ def test_experts_gradcheck(activation, gated, scale):
     inputs = [layer[k].requires_grad_() for k in ("x", "w_gate_up", "w_down", "scale")]
 
     def fn(x, w_gate_up, w_down, s):
-        args = (x, layer["order"], layer["top_k"], layer["offsets"], w_gate_up, w_down, s if scale else None)
+        args = (x, layer["order"], layer["inverse"], layer["top_k"], layer["offsets"], w_gate_up, w_down)
+        args = (*args, s if scale else None)
         return torch.ops.prmc.experts(*args, activation, gated)  # both outputs: preact is differentiable too
 
     assert torch.autograd.gradcheck(fn, inputs)

@@ -118,7 +118,7 @@ def ep_start(
     sorted_ = []
     for c in range(n):
         ids_c = expert_ids[bounds[c] : bounds[c + 1]]
-        order, counts, _ = torch.ops.prmc.sort_by_expert(ids_c, num_experts)
+        order, counts, _, _ = torch.ops.prmc.sort_by_expert(ids_c, num_experts)
         sorted_.append((ids_c, order, counts))
     send_counts = torch.stack([s[2] for s in sorted_])  # [n, E]
     send_counts_w = send_counts.view(n, world, el).transpose(0, 1).contiguous()  # [W, n, El]
@@ -169,8 +169,8 @@ def _local_experts(state: EPState, ch: _Chunk, w13: Tensor, w2: Tensor, activati
     pos = torch.arange(ch.n_recv, device=recv.device, dtype=bounds.dtype)
     seg = torch.searchsorted(bounds, pos, right=True)
     local_ids = (seg % el).view(-1, 1)
-    lorder, _, loffsets = torch.ops.prmc.sort_by_expert(local_ids, el)
-    return torch.ops.prmc.experts(recv, lorder, 1, loffsets, w13, w2, None, activation, gated)[0]
+    lorder, _, loffsets, linverse = torch.ops.prmc.sort_by_expert(local_ids, el)
+    return torch.ops.prmc.experts(recv, lorder, linverse, 1, loffsets, w13, w2, None, activation, gated)[0]
 
 
 def ep_finish(state: EPState, w13: Tensor, w2: Tensor, activation: str, gated: bool) -> Tensor:

@@ -25,8 +25,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def random_routing(
     tokens: int, experts: int, top_k: int, device, *, hot: int = 0, unrouted: int = 0, seed: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(order [T*K] int64, offsets [E] int32) of a random top-k routing: ``sort_by_expert``'s permutation.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(order [T*K] int64, inverse [T*K] int64, offsets [E] int32) of a random top-k routing, as
+    ``sort_by_expert`` gives them.
 
     ``hot``: that many experts (at the end of the list) take ~90% of the choices, the rest share ~10%,
     and the first expert gets none (an empty group). ``unrouted``: that many routed rows are dropped from
@@ -38,7 +39,7 @@ def random_routing(
         logits[:, -hot:] += 1.0
         logits[:, 0] = -1.0
     expert_ids = logits.topk(top_k, dim=-1).indices.to(device)
-    order, counts, _ = reference.sort_by_expert(expert_ids, experts)
+    order, counts, _, inverse = reference.sort_by_expert(expert_ids, experts)
     if unrouted:
         counts = counts.clone()
         drop = unrouted
@@ -47,7 +48,7 @@ def random_routing(
             counts[e] -= take
             drop -= take
     offsets = torch.cumsum(counts, 0).to(torch.int32)
-    return order, offsets
+    return order, inverse, offsets
 
 
 @dataclass
@@ -70,7 +71,7 @@ def check_case(case: Case, device) -> dict[str, float]:
     from prmc.kernels import triton_moe
 
     dev = torch.device(device)
-    order, offsets = random_routing(
+    order, inverse, offsets = random_routing(
         case.tokens, case.experts, case.top_k, dev, hot=case.hot, unrouted=case.unrouted
     )  # fmt: skip
     k = case.top_k
@@ -94,7 +95,7 @@ def check_case(case: Case, device) -> dict[str, float]:
 
     errors = {}
     for name, s in [("scaled", scale), ("unscaled", None)]:
-        args = (order, k, offsets)
+        args = (order, inverse, k, offsets)
         out, preact = triton_moe.experts(x, *args, w_gate_up, w_down, s, case.activation, case.gated)
         out_ref, preact_ref = reference.experts(d(x), *args, d(w_gate_up), d(w_down), d(s), case.activation, case.gated)
         errors[f"{name}.out"] = rel_err(out, out_ref)

@@ -12,10 +12,12 @@ are (half precision, the plain "store" epilogue of :mod:`prmc.kernels.grouped_ge
 gathers them back: one program per (token, column block) reads the token's rows and sums them in fp32.
 
 Each token's rows are read through the inverse of ``order`` (sort_by_expert's permutation, slot
-``t * top_k + k`` of each sorted row): token t's rows are ``inverse[t * top_k : (t + 1) * top_k]``, one
-index_put on the device, no sort and no host sync. They are summed in slot order, so the result is bitwise
-deterministic (the atomics' was not). Rows at and past ``offsets[-1]`` belong to no expert and are skipped
-(their ``y`` is never read); a token all of whose rows are unrouted gets a zero row.
+``t * top_k + k`` of each sorted row, and its inverse, which sort_by_expert also returns): token t's rows
+are ``inverse[t * top_k : (t + 1) * top_k]``, no sort and no host sync. Its routing weights are
+``scale[t * top_k : (t + 1) * top_k]`` (slot order, as the router made them). The rows are summed in slot
+order, so the result is bitwise deterministic (the atomics' was not). Rows at and past ``offsets[-1]``
+belong to no expert and are skipped (their ``y`` is never read); a token all of whose rows are unrouted gets
+a zero row.
 """
 
 from __future__ import annotations
@@ -39,29 +41,24 @@ def combine_rows_kernel(
     routed_end = tl.load(offsets_ptr + E - 1)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for j in range(TOP_K):
-        row = tl.load(inverse_ptr + token.to(tl.int64) * TOP_K + j)
+        slot = token.to(tl.int64) * TOP_K + j
+        row = tl.load(inverse_ptr + slot)
         if row < routed_end:
             y = tl.load(y_ptr + row * stride_y + offs_n, mask=n_ok, other=0.0).to(tl.float32)
             if HAS_SCALE:
-                y = y * tl.load(scale_ptr + row).to(tl.float32)
+                y = y * tl.load(scale_ptr + slot).to(tl.float32)
             acc += y
     tl.store(out_ptr + token.to(tl.int64) * stride_out + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
-def invert_permutation(order: torch.Tensor) -> torch.Tensor:
-    """``inverse[order[r]] = r``: [M] int64."""
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.shape[0], device=order.device, dtype=order.dtype)
-    return inverse
-
-
 def combine_rows(
-    y: torch.Tensor, order: torch.Tensor, top_k: int, offsets: torch.Tensor, scale: torch.Tensor | None = None
+    y: torch.Tensor, inverse: torch.Tensor, top_k: int, offsets: torch.Tensor, scale: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``out[t] = sum_{r < offsets[-1], order[r] // top_k = t} scale[r] * y[r]``: [M // top_k, N], ``y``'s dtype.
+    """``out[t] = sum_j scale[t*top_k + j] * y[inverse[t*top_k + j]]`` over the rows before ``offsets[-1]``:
+    [M // top_k, N], ``y``'s dtype.
 
-    ``y`` [M, N] (unit column stride), ``order`` [M] int64 a permutation of the slots, ``offsets`` [E] int32
-    group ends, ``scale`` [M] or None.
+    ``y`` [M, N] (unit column stride, rows sorted by expert), ``inverse`` [M] int64 the sorted row of each slot,
+    ``offsets`` [E] int32 group ends, ``scale`` [M] (slot order) or None.
     """
     m, n = y.shape
     num_rows = m // top_k
@@ -77,7 +74,7 @@ def combine_rows(
     block_n = 16 if INTERPRET else min(1024, triton.next_power_of_2(n))
     grid = (num_rows, triton.cdiv(n, block_n))
     combine_rows_kernel[grid](
-        y, invert_permutation(order), scale.contiguous() if scale is not None else y, offsets, out,
+        y, inverse, scale.contiguous() if scale is not None else y, offsets, out,
         n, offsets.shape[0], top_k, y.stride(0), out.stride(0),
         HAS_SCALE=scale is not None, BLOCK_N=block_n, num_warps=1 if INTERPRET else 4,
     )  # fmt: skip
@@ -91,14 +88,15 @@ if __name__ == "__main__":
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tokens, hidden, experts, top_k = (8192, 2048, 128, 8) if device == "cuda" else (37, 48, 5, 2)
-    order, offsets = random_routing(tokens, experts, top_k, device, unrouted=3)
+    order, inverse, offsets = random_routing(tokens, experts, top_k, device, unrouted=3)
     y = torch.randn(order.shape[0], hidden, device=device, dtype=dtype)
     scale = torch.rand(order.shape[0], device=device, dtype=dtype)
     routed = int(offsets[-1])  # NOTE: host sync, for the check only
     expected = torch.zeros(tokens, hidden, device=device, dtype=torch.float64)
-    expected.index_add_(0, order[:routed] // top_k, y[:routed].double() * scale[:routed].double()[:, None])
-    print(f"combine: rel err {rel_err(combine_rows(y, order, top_k, offsets, scale), expected):.2e}")
+    row_scale = scale[order[:routed]].double()[:, None]
+    expected.index_add_(0, order[:routed] // top_k, y[:routed].double() * row_scale)
+    print(f"combine: rel err {rel_err(combine_rows(y, inverse, top_k, offsets, scale), expected):.2e}")
     if device == "cuda":
-        ms = triton.testing.do_bench(lambda: combine_rows(y, order, top_k, offsets, scale), return_mode="median")
+        ms = triton.testing.do_bench(lambda: combine_rows(y, inverse, top_k, offsets, scale), return_mode="median")
         moved = (y.numel() + tokens * hidden) * y.element_size()
         print(f"{ms:.3f} ms, {moved / ms / 1e6:.0f} GB/s")

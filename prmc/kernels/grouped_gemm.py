@@ -192,7 +192,7 @@ if __name__ == "__main__":
     tokens, hidden, inter, experts, top_k = (8192, 2048, 768, 128, 8) if device == "cuda" else (37, 48, 40, 5, 2)
     x = torch.randn(tokens, hidden, device=device, dtype=dtype)
     w = torch.randn(experts, 2 * inter, hidden, device=device, dtype=dtype) / hidden**0.5
-    order, offsets = random_routing(tokens, experts, top_k, device)
+    order, _, offsets = random_routing(tokens, experts, top_k, device)
     rows = order // top_k
     h = x.new_empty(rows.shape[0], inter)
     preact = x.new_empty(rows.shape[0], 2 * inter)

@@ -17,7 +17,9 @@ This kernel reads ``g`` and ``preact`` once and writes ``d preact``, ``grad_scal
 never reaches memory. Measured on an H100 at Mixtral sizes, the two passes it replaces (routing-weight pass,
 then activation backward) took 0.68 + 0.83 ms (benchmarks/KERNELS_NOTES.md). Both GEMMs of the gate_up
 backward then read ``d preact``. Rows at and past ``offsets[-1]`` belong to no expert: their outputs are
-zero whatever ``g`` and ``preact`` hold there (CUTLASS leaves those rows of ``g`` unwritten).
+zero whatever ``g`` and ``preact`` hold there (CUTLASS leaves those rows of ``g`` unwritten). The routing
+weights and their gradient are in slot order: row r reads ``scale[order[r]]`` and writes
+``grad_scale[order[r]]`` (a permutation: every slot written once, no atomics).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from prmc.kernels._triton_common import INTERPRET, activation, activation_grad
 
 @triton.jit
 def mlp_grad_rows_kernel(
-    g_ptr, preact_ptr, scale_ptr, offsets_ptr, dpre_ptr, grad_scale_ptr, hs_ptr,
+    g_ptr, preact_ptr, scale_ptr, order_ptr, offsets_ptr, dpre_ptr, grad_scale_ptr, hs_ptr,
     M, I, E, stride_g, stride_pre, stride_dpre, stride_hs,
     ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr,
@@ -41,7 +43,8 @@ def mlp_grad_rows_kernel(
     routed = m_ok & (offs_m < tl.load(offsets_ptr + E - 1))
     offs_m64 = offs_m.to(tl.int64)
     if HAS_SCALE:
-        scale = tl.load(scale_ptr + offs_m, mask=routed, other=0.0).to(tl.float32)
+        slots = tl.load(order_ptr + offs_m, mask=m_ok, other=0)
+        scale = tl.load(scale_ptr + slots, mask=routed, other=0.0).to(tl.float32)
     rowdot = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for first in range(0, I, BLOCK_I):
         offs_i = first + tl.arange(0, BLOCK_I)
@@ -70,7 +73,7 @@ def mlp_grad_rows_kernel(
         hs_ptrs = hs_ptr + offs_m64[:, None] * stride_hs + offs_i[None, :]
         tl.store(hs_ptrs, h.to(hs_ptr.dtype.element_ty), mask=store_mask)
     if HAS_SCALE:
-        tl.store(grad_scale_ptr + offs_m, rowdot.to(grad_scale_ptr.dtype.element_ty), mask=m_ok)
+        tl.store(grad_scale_ptr + slots, rowdot.to(grad_scale_ptr.dtype.element_ty), mask=m_ok)
 
 
 def mlp_grad_rows(
@@ -78,12 +81,13 @@ def mlp_grad_rows(
     preact: torch.Tensor,
     offsets: torch.Tensor,
     scale: torch.Tensor | None,
+    order: torch.Tensor,
     activation: str,
     gated: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """``g`` [M, I] (unscaled gradient at h), ``preact`` [M, F], ``offsets`` [E] int32, ``scale`` [M] or None
-    -> (d preact [M, F], grad_scale [M] in scale's dtype or None, scale * h [M, I] (h without a scale)),
-    in preact's dtype. Unit column strides."""
+    """``g`` [M, I] (unscaled gradient at h), ``preact`` [M, F], ``offsets`` [E] int32, ``scale`` [M] in slot
+    order or None, ``order`` [M] int64 the slot of each row -> (d preact [M, F], grad_scale [M] in slot order
+    and scale's dtype or None, scale * h [M, I] (h without a scale)), in preact's dtype. Unit column strides."""
     m, i = g.shape
     dpre = torch.empty(m, preact.shape[1], device=g.device, dtype=preact.dtype)
     hs = torch.empty(m, i, device=g.device, dtype=preact.dtype)
@@ -94,7 +98,7 @@ def mlp_grad_rows(
     # replaced (benchmarks/KERNELS_NOTES.md, v4); a program owns whole rows for the row dot.
     block_m, block_i = (4, 16) if INTERPRET else (8, 256)
     mlp_grad_rows_kernel[(triton.cdiv(m, block_m),)](
-        g, preact, scale if scale is not None else g, offsets, dpre, grad_scale if scale is not None else g, hs,
+        g, preact, scale if scale is not None else g, order, offsets, dpre, grad_scale if scale is not None else g, hs,
         m, i, offsets.shape[0], g.stride(0), preact.stride(0), dpre.stride(0), hs.stride(0),
         ACTIVATION=activation, GATED=gated, HAS_SCALE=scale is not None,
         BLOCK_M=block_m, BLOCK_I=block_i, num_warps=1 if INTERPRET else 4,
@@ -111,17 +115,21 @@ if __name__ == "__main__":
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     m, i, routed = (65536, 768, 65000) if device == "cuda" else (37, 40, 33)
     g, preact = torch.randn(m, i, device=device, dtype=dtype), torch.randn(m, 2 * i, device=device, dtype=dtype)
-    scale = torch.rand(m, device=device, dtype=dtype)
+    scale, order = torch.rand(m, device=device, dtype=dtype), torch.randperm(m, device=device)
     offsets = torch.tensor([routed // 2, routed], device=device, dtype=torch.int32)
-    dpre, grad_scale, hs = mlp_grad_rows(g, preact, offsets, scale, "silu", True)
+    dpre, grad_scale, hs = mlp_grad_rows(g, preact, offsets, scale, order, "silu", True)
     live = (torch.arange(m, device=device) < routed).double()[:, None]
     h = reference.activate(preact.double(), "silu", True) * live
-    s = scale.double()[:, None]
+    s = scale[order].double()[:, None]
     expected = reference.activate_backward(g.double() * s * live, preact.double(), "silu", True)
+    expected_grad_scale = torch.empty(m, device=device, dtype=torch.float64)
+    expected_grad_scale[order] = (g.double() * h).sum(1)
     print(
-        f"d preact {rel_err(dpre, expected):.2e}, grad_scale {rel_err(grad_scale, (g.double() * h).sum(1)):.2e},"
+        f"d preact {rel_err(dpre, expected):.2e}, grad_scale {rel_err(grad_scale, expected_grad_scale):.2e},"
         f" scale*h {rel_err(hs, h * s):.2e}"
     )
     if device == "cuda":
-        ms = triton.testing.do_bench(lambda: mlp_grad_rows(g, preact, offsets, scale, "silu", True), return_mode="median")
+        ms = triton.testing.do_bench(
+            lambda: mlp_grad_rows(g, preact, offsets, scale, order, "silu", True), return_mode="median"
+        )  # fmt: skip
         print(f"{ms:.3f} ms, {(2 * g.numel() + 2 * preact.numel()) * g.element_size() / ms / 1e6:.0f} GB/s")

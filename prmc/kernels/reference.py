@@ -15,8 +15,10 @@ empty; rows at and beyond ``offsets[-1]`` belong to no expert and are left zero.
 
 Which token a routed row belongs to is given by ``order`` [M] (from ``sort_by_expert``): the slot
 ``t * top_k + k`` of each routed row, a permutation of ``[0, M)``; routed row r reads and writes token
-``order[r] // top_k``. The kernels need the permutation, not just the token of each row: its inverse gives
-each token its ``top_k`` rows directly, so the combine needs no sort.
+``order[r] // top_k``. The kernels need the permutation, not just the token of each row: its inverse
+(``inverse``, also from ``sort_by_expert``) gives each token its ``top_k`` rows directly, so the combine
+needs no sort. Per-slot values (the routing weights ``scale`` and their gradient) stay in slot order, the
+``[T, K]`` layout the router made them in; kernels read them through ``order``.
 
 All arithmetic accumulates in fp32; outputs take the dtype of the activation operand.
 """
@@ -88,25 +90,31 @@ def group_bounds(offsets: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(starts, ends))
 
 
-def sort_by_expert(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sort_by_expert(
+    expert_ids: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Route table -> expert-sorted order.
 
     Args:
-        expert_ids: [T, K] integer, the experts each token chose.
+        expert_ids: [T, K] integer, the experts each token chose; an id outside ``[0, E)`` routes nowhere.
     Returns:
-        order:   [T*K] int64, the flat (t*K + k) slots sorted by expert, stable (ties keep token order).
+        order:   [T*K] int64, the flat (t*K + k) slots sorted by expert, stable (ties keep token order); slots
+                 routed nowhere come last, past ``offsets[-1]``.
         counts:  [E] int64, rows per expert.
         offsets: [E] int32, cumulative counts (end row of each group).
+        inverse: [T*K] int64, ``inverse[order[r]] = r``: where each slot's row went.
     """
-    # Keys narrowed to the smallest integer type that holds every expert: a GPU radix sort does one pass per
-    # key byte (measured on an H100, 65536 keys: 37 us as int16, 59 as int32, 90 as int64). Group ends come
-    # from a search of the sorted keys, not a histogram: scatter_add into few counters serialises on their
-    # atomics (0.35 ms for 65536 rows into 64 experts).
+    ids = expert_ids.reshape(-1)
+    # Keys narrowed to the smallest integer type that holds every expert and the "nowhere" key E: a GPU radix
+    # sort does one pass per key byte (measured on an H100, 65536 keys: 37 us as int16, 59 as int32, 90 as
+    # int64). The CUDA implementation is a counting sort (prmc/kernels/sort_by_expert.py).
     key_dtype = torch.int16 if num_experts < 2**15 - 1 else torch.int32 if num_experts < 2**31 - 1 else torch.int64
-    sorted_keys, order = torch.sort(expert_ids.reshape(-1).to(key_dtype), stable=True)
-    queries = torch.arange(num_experts + 1, device=expert_ids.device, dtype=key_dtype)
-    starts = torch.searchsorted(sorted_keys, queries)
-    return order, torch.diff(starts), starts[1:].to(torch.int32)
+    keys = torch.where((ids >= 0) & (ids < num_experts), ids, num_experts).to(key_dtype)
+    sorted_keys, order = torch.sort(keys, stable=True)
+    starts = torch.searchsorted(sorted_keys, torch.arange(num_experts + 1, device=ids.device, dtype=key_dtype))
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.shape[0], device=order.device)
+    return order, torch.diff(starts), starts[1:].to(torch.int32), inverse
 
 
 def expert_gate_up(
@@ -225,6 +233,7 @@ def expert_down_backward(
 def experts(
     x: torch.Tensor,
     order: torch.Tensor,
+    inverse: torch.Tensor,
     top_k: int,
     offsets: torch.Tensor,
     w_gate_up: torch.Tensor,
@@ -235,11 +244,14 @@ def experts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The routed experts of a block: :func:`expert_gate_up` then :func:`expert_down`.
 
+    ``scale`` [M] is in slot order (the routing weights ``[T, K]`` flattened), ``inverse`` the inverse of
+    ``order`` (the kernels' combine reads it; the reference sums by ``order`` alone).
     Returns out [T, H] (x's dtype) and preact [M, F], all that the backward keeps of the forward: ``h`` is
     recomputed from it.
     """
     h, preact = expert_gate_up(x, order, top_k, offsets, w_gate_up, activation, gated)
-    return expert_down(h, offsets, w_down, order, top_k, scale), preact
+    row_scale = scale[order] if scale is not None else None
+    return expert_down(h, offsets, w_down, order, top_k, row_scale), preact
 
 
 def experts_backward(
@@ -247,6 +259,7 @@ def experts_backward(
     grad_preact: torch.Tensor | None,
     x: torch.Tensor,
     order: torch.Tensor,
+    inverse: torch.Tensor,
     top_k: int,
     offsets: torch.Tensor,
     w_gate_up: torch.Tensor,
@@ -256,13 +269,19 @@ def experts_backward(
     activation: str,
     gated: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> grad_x [T, H], grad_w_gate_up [E, F, H], grad_w_down [E, H, I], grad_scale [M] ([0] without scale).
+    """-> grad_x [T, H], grad_w_gate_up [E, F, H], grad_w_down [E, H, I], grad_scale [M] in slot order ([0]
+    without scale).
 
     ``grad_preact`` is the gradient of the second output (None where nothing used it, the usual case).
     """
     h = activate(_acc(preact), activation, gated).to(preact.dtype)  # as the forward rounded it
-    grad_h, grad_w_down, grad_scale = expert_down_backward(grad_out, h, offsets, w_down, order, top_k, scale)
+    row_scale = scale[order] if scale is not None else None
+    grad_h, grad_w_down, row_grad_scale = expert_down_backward(grad_out, h, offsets, w_down, order, top_k, row_scale)
     grad_x, grad_w_gate_up = expert_gate_up_backward(
         grad_h, x, order, top_k, offsets, w_gate_up, preact, activation, gated, grad_preact
     )  # fmt: skip
+    grad_scale = row_grad_scale
+    if scale is not None:
+        grad_scale = torch.empty_like(row_grad_scale)
+        grad_scale[order] = row_grad_scale
     return grad_x, grad_w_gate_up, grad_w_down, grad_scale

@@ -7,9 +7,11 @@ tensors with ``TRITON_INTERPRET=1``.
 ====================  =======================================================================================
 op                    kernels (CUTLASS: ``torch._grouped_mm`` where cutlass.takes, else the Triton kernel)
 ====================  =======================================================================================
+sort_by_expert        a counting sort in three Triton launches, giving the inverse permutation too (torch path
+                      past 512 experts)
 experts               grouped_gemm "gate_up": gather x rows, GEMM with W_gate_up.T, preact + h = act(gate) * up;
                       h @ W_down.T per routed row (CUTLASS | grouped_gemm "store"); combine_rows (* routing
-                      weight, summed per token through the inverse of ``order``). Keeps only preact.
+                      weight, summed per token through ``inverse``). Keeps only preact.
 experts_backward      g = grad_out[rows] @ W_down per routed row (gather_rows + CUTLASS | "store" gathering);
                       mlp_grad_rows: d preact, grad_scale, scale * h (h recomputed from preact);
                       grad_W_down = grad_out[rows].T @ (scale * h) (CUTLASS | weight_grad);
@@ -32,6 +34,7 @@ from prmc.kernels.combine import combine_rows
 from prmc.kernels.gather_rows import gather_rows
 from prmc.kernels.grouped_gemm import grouped_gemm
 from prmc.kernels.mlp_grad_rows import mlp_grad_rows
+from prmc.kernels.sort_by_expert import sort_by_expert
 from prmc.kernels.weight_grad import weight_grad
 
 
@@ -53,6 +56,7 @@ def _per_row_product(a: Tensor, offsets: Tensor, b: Tensor) -> Tensor:
 def experts(
     x: Tensor,
     order: Tensor,
+    inverse: Tensor,
     top_k: int,
     offsets: Tensor,
     w_gate_up: Tensor,
@@ -62,7 +66,7 @@ def experts(
     gated: bool,
 ) -> tuple[Tensor, Tensor]:
     if not _kernels_take(x, w_gate_up, w_down):
-        return reference.experts(x, order, top_k, offsets, w_gate_up, w_down, scale, activation, gated)
+        return reference.experts(x, order, inverse, top_k, offsets, w_gate_up, w_down, scale, activation, gated)
     m, f = order.shape[0], w_gate_up.shape[1]
     inter = f // 2 if gated else f
     offsets = offsets.int()
@@ -74,7 +78,7 @@ def experts(
     )  # fmt: skip
     y = _per_row_product(h, offsets, w_down.transpose(1, 2))
     del h  # freed before the combine allocates: the backward recomputes h from preact (mlp_grad_rows)
-    return combine_rows(y, order, top_k, offsets, scale), preact
+    return combine_rows(y, inverse, top_k, offsets, scale), preact
 
 
 def experts_backward(
@@ -82,6 +86,7 @@ def experts_backward(
     grad_preact: Tensor | None,
     x: Tensor,
     order: Tensor,
+    inverse: Tensor,
     top_k: int,
     offsets: Tensor,
     w_gate_up: Tensor,
@@ -93,7 +98,7 @@ def experts_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if not _kernels_take(grad_out, grad_preact, x, w_gate_up, w_down, preact):
         return reference.experts_backward(
-            grad_out, grad_preact, x, order, top_k, offsets, w_gate_up, w_down, preact, scale, activation, gated
+            grad_out, grad_preact, x, order, inverse, top_k, offsets, w_gate_up, w_down, preact, scale, activation, gated
         )  # fmt: skip
     offsets, rows = offsets.int(), order // top_k
     scale = scale.contiguous() if scale is not None else None
@@ -106,7 +111,7 @@ def experts_backward(
         grad_out_rows = None
         g = grad_out.new_empty(rows.shape[0], w_down.shape[2])
         grouped_gemm("store", grad_out, offsets, w_down, g, n=w_down.shape[2], a_rows=rows)
-    dpre, grad_scale, hs = mlp_grad_rows(g, preact, offsets, scale, activation, gated)
+    dpre, grad_scale, hs = mlp_grad_rows(g, preact, offsets, scale, order, activation, gated)
     del g
     if grad_preact is not None:  # preact used beyond h: never by the lowering
         dpre += grad_preact
@@ -117,7 +122,7 @@ def experts_backward(
         weight_grad(grad_out, hs, offsets, grad_w_down, left_rows=rows)
     del grad_out_rows, hs
     # Gate/up projection, from d preact.
-    grad_x = combine_rows(_per_row_product(dpre, offsets, w_gate_up), order, top_k, offsets)
+    grad_x = combine_rows(_per_row_product(dpre, offsets, w_gate_up), inverse, top_k, offsets)
     if cutlass.takes(dpre, x):
         grad_w_gate_up = cutlass.k_grouped_mm(dpre, gather_rows(x, rows), offsets)
     else:
@@ -128,7 +133,7 @@ def experts_backward(
 
 def register() -> None:
     """Make these the CUDA implementations of ``torch.ops.prmc.*`` (CPU keeps the reference)."""
-    for name, fn in [("experts", experts), ("experts_backward", experts_backward)]:
+    for name, fn in [("sort_by_expert", sort_by_expert), ("experts", experts), ("experts_backward", experts_backward)]:
         torch.library.register_kernel(f"prmc::{name}", "cuda", fn)
 
 

@@ -115,7 +115,7 @@ if __name__ == "__main__":
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tokens, hidden, f, experts, top_k = (8192, 2048, 1536, 128, 8) if device == "cuda" else (37, 48, 40, 5, 2)
     x = torch.randn(tokens, hidden, device=device, dtype=dtype)
-    order, offsets = random_routing(tokens, experts, top_k, device)
+    order, _, offsets = random_routing(tokens, experts, top_k, device)
     rows = order // top_k
     dpre = torch.randn(rows.shape[0], f, device=device, dtype=dtype)
     grad_w = x.new_empty(experts, f, hidden)

@@ -23,8 +23,6 @@ raises on every rank with both structures in the message, instead of a hang.
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.distributed as dist
 from torch.fx import GraphModule, Node
@@ -149,12 +147,8 @@ def _rewrite_lowered_blocks(gm: GraphModule, config, mesh, report) -> int:
                 f"prmc expert parallel: block {name} has {e} experts, which an expert-parallel mesh of size "
                 f"{world} does not divide; use a mesh size that divides {e}"
             )
-        x2d, _, _, _, w13, w2, scale, activation, gated = experts.args
+        x2d, _, _, _, _, w13, w2, wts, activation, gated = experts.args  # wts: routing weights in slot order
         ids = dispatch.args[0]
-        # scale = wts[order]: the routing weights per slot in token order
-        wts = scale.args[0] if scale.op == "call_function" and scale.target is operator.getitem else None
-        if wts is None:
-            raise RuntimeError(f"prmc expert parallel: block {name}: unexpected lowering (no scale = wts[order])")
         chunks = int(getattr(config, "overlap_chunks", 1) or 1)
         with graph.inserting_before(experts_out):
             out = graph.call_function(

@@ -5,10 +5,9 @@ Produces, right before the block's output and replacing it (routing stays the mo
 
     x2d     = tokens.reshape(-1, H)                                  role "tokens"
     ids     = expert_ids.reshape(-1, K)                              role "expert_ids"
-    wts     = weights.reshape(-1)   (dense gate: gather(gate, 1, ids)) role "weights"
+    wts     = weights.reshape(-1)   (dense gate: gather(gate, 1, ids)) role "weights" (slot order)
     sorted  = prmc.sort_by_expert(ids, E)                            role "dispatch"
-    scale   = wts[sorted[0]]                                         role "scale"
-    ex      = prmc.experts(x2d, sorted[0], K, sorted[2], W13, W2, scale, act, gated)   role "experts"
+    ex      = prmc.experts(x2d, sorted[0], sorted[3], K, sorted[2], W13, W2, wts, act, gated)   role "experts"
     out     = ex[0]                                                  role "experts_out"
 
 Every inserted node carries ``meta["prmc"] = {"block": name, "role": ...}`` (the dispatch node also
@@ -76,11 +75,11 @@ def _lower(gm: GraphModule, spec: MoESpec) -> None:
         dispatch.meta["prmc"]["spec"] = spec
         order = tag(graph.call_function(operator.getitem, (dispatch, 0)), "order")
         offsets = tag(graph.call_function(operator.getitem, (dispatch, 2)), "offsets")
-        scale = tag(graph.call_function(operator.getitem, (wts, order)), "scale")
+        inverse = tag(graph.call_function(operator.getitem, (dispatch, 3)), "inverse")
         experts = tag(
             graph.call_function(
                 torch.ops.prmc.experts.default,
-                (x2d, order, spec.top_k, offsets, w13, w2, scale, spec.activation, spec.gated),
+                (x2d, order, inverse, spec.top_k, offsets, w13, w2, wts, spec.activation, spec.gated),
             ),
             "experts",
         )

@@ -617,8 +617,8 @@ def stack_weight(parts: list, transposed: bool):
 def moe_experts(x2d, ids2d, w_flat, w13, w2, activation: str, gated: bool, num_experts: int):
     """Routed experts on one device, in prmc ops: [T, H] -> [T, H] (in x2d's dtype)."""
     top_k = ids2d.shape[1]
-    order, _counts, offsets = torch.ops.prmc.sort_by_expert(ids2d, num_experts)
-    return torch.ops.prmc.experts(x2d, order, top_k, offsets, w13, w2, w_flat[order], activation, gated)[0]
+    order, _counts, offsets, inverse = torch.ops.prmc.sort_by_expert(ids2d, num_experts)
+    return torch.ops.prmc.experts(x2d, order, inverse, top_k, offsets, w13, w2, w_flat, activation, gated)[0]
 
 
 class _Probe:
