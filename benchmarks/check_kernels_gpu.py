@@ -56,17 +56,16 @@ def check_sort_by_expert() -> list[str]:
     """The CUDA sort_by_expert (Triton counting sort) against the reference (torch.sort), bitwise: the names of
     the cases where any output differs."""
     dev = torch.device("cuda")
-    cases = {
-        "qwen3 65536 slots, 128 experts": torch.rand(8192, 128, device=dev).topk(8, dim=-1).indices,
-        "skewed, 1000 unrouted, int32": torch.randint(0, 4, (8192, 6), device=dev, dtype=torch.int32),
-        "256 experts": torch.rand(4096, 256, device=dev).topk(8, dim=-1).indices,
-        "odd: 1001 x 3 of 7 experts": torch.randint(-1, 8, (1001, 3), device=dev),
+    skewed = torch.randint(0, 4, (8192, 6), device=dev, dtype=torch.int32)
+    skewed.view(-1)[:1000] = 64  # ids past E route nowhere
+    cases = {  # name: (expert ids, E)
+        "qwen3 65536 slots, 128 experts": (torch.rand(8192, 128, device=dev).topk(8, dim=-1).indices, 128),
+        "skewed, 1000 unrouted, int32": (skewed, 64),
+        "256 experts": (torch.rand(4096, 256, device=dev).topk(8, dim=-1).indices, 256),
+        "odd: 1001 x 3 of 7 experts": (torch.randint(-1, 8, (1001, 3), device=dev), 7),
     }
-    cases["skewed, 1000 unrouted, int32"].view(-1)[:1000] = 64  # ids past E (64 experts below) route nowhere
-    experts = {"qwen3 65536 slots, 128 experts": 128, "256 experts": 256, "odd: 1001 x 3 of 7 experts": 7}
     failed = []
-    for name, ids in cases.items():
-        e = experts.get(name, 64)
+    for name, (ids, e) in cases.items():
         got, want = torch.ops.prmc.sort_by_expert(ids, e), reference.sort_by_expert(ids, e)
         same = all(torch.equal(a, b) for a, b in zip(got, want))
         print(f"sort_by_expert {name:36s} {'ok' if same else 'FAIL'}")

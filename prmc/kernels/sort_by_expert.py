@@ -46,7 +46,7 @@ def _keys(ids_ptr, offs, end, E):
 @triton.jit
 def segment_counts_kernel(ids_ptr, seg_counts_ptr, M, E, SEG: tl.constexpr, BLOCK_E: tl.constexpr):
     seg = tl.program_id(0)
-    key, unrouted = _keys(ids_ptr, seg * SEG + tl.arange(0, SEG), M, E)
+    key, _ = _keys(ids_ptr, seg * SEG + tl.arange(0, SEG), M, E)
     # Unrouted slots (and those past M) land in the upper half of the bins, which is not stored.
     counts = tl.histogram(tl.where(key < 0, BLOCK_E, key), 2 * BLOCK_E)
     experts = tl.arange(0, 2 * BLOCK_E)
