@@ -151,14 +151,18 @@ def layer_inputs(name, tokens, device):
 
 def breakdown(name, tokens, device) -> None:
     """Time each kernel launch of the prmc layer (fwd and bwd) on its own: where the time goes. Lines marked
-    "alt" are the Triton grouped GEMM doing the product CUTLASS does above them (the choice, measured)."""
+    "alt" are other kernels for the product above them (the choice, measured; not in the sum)."""
     import triton
 
     from prmc.kernels import cutlass
     from prmc.kernels.combine import combine_rows
     from prmc.kernels.gather_rows import gather_rows
-    from prmc.kernels.grouped_gemm import grouped_gemm
+    from prmc.kernels.grouped_gemm import grouped_gemm, grouped_gemm_kernel
     from prmc.kernels.mlp_grad_rows import mlp_grad_rows
+
+    def tile(config):
+        kw = config.kwargs
+        return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}/w{config.num_warps}s{config.num_stages}"
 
     hidden, inter, experts, top_k, _ = CONFIGS[name]
     bf16 = dict(device=device, dtype=torch.bfloat16)
@@ -167,9 +171,9 @@ def breakdown(name, tokens, device) -> None:
     rows, scale = order // top_k, weights.reshape(-1)
     m = rows.shape[0]
     h, preact = torch.empty(m, inter, **bf16), torch.empty(m, 2 * inter, **bf16)
-    grouped_gemm("gate_up", x, offsets, w_gate_up.transpose(1, 2), preact, n=inter, a_rows=rows, h=h, gated=True)
     grad_out_rows = gather_rows(grad_out, rows)
     x_rows = gather_rows(x, rows)
+    grouped_gemm("gate_up", x_rows, offsets, w_gate_up.transpose(1, 2), preact, n=inter, h=h, gated=True)
     g = cutlass.row_grouped_mm(grad_out_rows, w_down, offsets)
     dpre, _, hs = mlp_grad_rows(g, preact, offsets, scale, order, "silu", True)
     y = torch.empty(m, hidden, **bf16)
@@ -177,31 +181,42 @@ def breakdown(name, tokens, device) -> None:
     gemm = 2 * m * hidden * inter  # one [M, H] x [H, I] product
     parts = {
         "sort_by_expert": (lambda: torch.ops.prmc.sort_by_expert(ids, experts), 0),
-        "gate_up fwd (Triton: gather, act)": (lambda: grouped_gemm("gate_up", x, offsets, w_gate_up.transpose(1, 2), preact, n=inter, a_rows=rows, h=h, gated=True), 2 * gemm),
-        "down fwd (CUTLASS)": (lambda: cutlass.row_grouped_mm(h, w_down.transpose(1, 2), offsets), gemm),
-        "  alt down fwd (Triton store)": (lambda: grouped_gemm("store", h, offsets, w_down.transpose(1, 2), y, n=hidden), gemm),
+        "gather x rows (fwd)": (lambda: gather_rows(x, rows), 0),
+        "gate_up fwd (Triton TMA, act)": (lambda: grouped_gemm("gate_up", x_rows, offsets, w_gate_up.transpose(1, 2), preact, n=inter, h=h, gated=True), 2 * gemm),
+        "  alt gate_up fwd (Triton, gather on load)": (lambda: grouped_gemm("gate_up", x, offsets, w_gate_up.transpose(1, 2), preact, n=inter, a_rows=rows, h=h, gated=True), 2 * gemm),
+        "  alt gate_up fwd (gather on load, no TMA)": (lambda: grouped_gemm("gate_up", x, offsets, w_gate_up.transpose(1, 2), preact, n=inter, a_rows=rows, h=h, gated=True, tma=False), 2 * gemm),
+        "down fwd (Triton TMA)": (lambda: grouped_gemm("store", h, offsets, w_down.transpose(1, 2), y, n=hidden), gemm),
+        "  alt down fwd (CUTLASS)": (lambda: cutlass.row_grouped_mm(h, w_down.transpose(1, 2), offsets), gemm),
         "down fwd combine (scale)": (lambda: combine_rows(y, inverse, top_k, offsets, scale), 0),
         "gather grad_out rows": (lambda: gather_rows(grad_out, rows), 0),
-        "down grad_h (CUTLASS)": (lambda: cutlass.row_grouped_mm(grad_out_rows, w_down, offsets), gemm),
-        "  alt down grad_h (Triton gather)": (lambda: grouped_gemm("store", grad_out, offsets, w_down, g_alt, n=inter, a_rows=rows), gemm),
+        "down grad_h (Triton TMA)": (lambda: grouped_gemm("store", grad_out_rows, offsets, w_down, g_alt, n=inter), gemm),
+        "  alt down grad_h (CUTLASS)": (lambda: cutlass.row_grouped_mm(grad_out_rows, w_down, offsets), gemm),
+        "  alt down grad_h (Triton, gather on load)": (lambda: grouped_gemm("store", grad_out, offsets, w_down, g_alt, n=inter, a_rows=rows), gemm),
         "mlp_grad_rows (d preact, grad_scale, scale*h)": (lambda: mlp_grad_rows(g, preact, offsets, scale, order, "silu", True), 0),
         "down grad_w (CUTLASS)": (lambda: cutlass.k_grouped_mm(grad_out_rows, hs, offsets), gemm),
-        "gate_up grad_x (CUTLASS)": (lambda: cutlass.row_grouped_mm(dpre, w_gate_up, offsets), 2 * gemm),
-        "  alt grad_x (Triton store)": (lambda: grouped_gemm("store", dpre, offsets, w_gate_up, y, n=hidden), 2 * gemm),
+        "gate_up grad_x (Triton TMA)": (lambda: grouped_gemm("store", dpre, offsets, w_gate_up, y, n=hidden), 2 * gemm),
+        "  alt grad_x (CUTLASS)": (lambda: cutlass.row_grouped_mm(dpre, w_gate_up, offsets), 2 * gemm),
         "gate_up grad_x combine": (lambda: combine_rows(y, inverse, top_k, offsets), 0),
         "gather x rows": (lambda: gather_rows(x, rows), 0),
         "gate_up grad_w (CUTLASS)": (lambda: cutlass.k_grouped_mm(dpre, x_rows, offsets), 2 * gemm),
     }  # fmt: skip
     total = 0.0
     for part, (fn, flops) in parts.items():
+        tuned_before = grouped_gemm_kernel.cache.copy()
         compiled = fn()
         ms = triton.testing.do_bench(fn, return_mode="median")
+        tuned = [c for key, c in grouped_gemm_kernel.cache.items() if key not in tuned_before]
         total += 0.0 if part.startswith("  alt") else ms
         asm = getattr(compiled, "asm", {}) or {}
-        mma = "wgmma" if "wgmma" in asm.get("ptx", "") else ("mma" if "mma" in asm.get("ptx", "") else "-")
+        ptx = asm.get("ptx", "")
+        mma = "wgmma" if "wgmma" in ptx else ("mma" if "mma" in ptx else "-")
+        mma += "+tma" if "cp.async.bulk.tensor" in ptx else ""
         regs = f"regs {getattr(compiled, 'n_regs', '?')} spills {getattr(compiled, 'n_spills', '?')}" if asm else ""
         rate = f"{flops / ms / 1e9:6.0f} TFLOP/s" if flops else " " * 13
-        print(f"  {name:22s} {part:42s} {ms:8.3f} ms {rate}  {mma:5s} {regs}", flush=True)
+        print(f"  {name:22s} {part:42s} {ms:8.3f} ms {rate}  {mma:9s} {regs}", flush=True)
+        if tuned:  # the tile the autotuner chose for this product, and what it measured for each
+            timings = ", ".join(f"{tile(c)} {t[0] if isinstance(t, list) else t:.3f}" for c, t in getattr(grouped_gemm_kernel, "configs_timings", {}).items())
+            print(f"  {name:22s}     autotuned {tile(tuned[0])} of: {timings}", flush=True)
     print(f"  {name:22s} {'sum of the parts used (fwd+bwd)':42s} {total:8.3f} ms", flush=True)
 
 

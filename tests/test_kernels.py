@@ -68,10 +68,11 @@ def test_kernels_match_reference(name, interpreter_errors):
     assert not bad, f"{name}: relative errors over {TOLERANCE[case.dtype]:g}: {bad}"
 
 
-@pytest.mark.parametrize("name", ["gather_rows", "combine_rows", "sort_by_expert"])
+@pytest.mark.parametrize("name", ["grouped_gemm_loads", "gather_rows", "combine_rows", "sort_by_expert"])
 def test_row_kernels(name, interpreter_errors):
-    """The gather feeding CUTLASS on Hopper, the per-token combine (exact sums in fp32 inputs), and the
-    dispatch's counting sort (its errors are counts of wrong integers, so any mismatch fails)."""
+    """The grouped GEMM's two load paths (TMA descriptors, pointers), the gather feeding CUTLASS and TMA on
+    Hopper, the per-token combine (exact sums in fp32 inputs), and the dispatch's counting sort (its errors
+    are counts of wrong integers, so any mismatch fails)."""
     errors = interpreter_errors[name]
     bad = {k: v for k, v in errors.items() if not v <= TOLERANCE[torch.float32]}
     assert len(errors) >= 2 and not bad, errors
@@ -151,7 +152,52 @@ def check_sort_by_expert() -> dict[str, float]:
     }
 
 
+def check_grouped_gemm_loads() -> dict[str, float]:
+    """The grouped GEMM reading through TMA descriptors and through pointers, each against the float64
+    product: the gate_up product on pre-gathered rows and gathering on load, the store product with
+    K-contiguous and N-contiguous weights, with an empty group and unrouted rows; and descriptors refused
+    where TMA cannot read (a stride that is not a multiple of 16 bytes)."""
+    from prmc.kernels import reference
+    from prmc.kernels.check import random_routing, rel_err
+    from prmc.kernels.grouped_gemm import grouped_gemm, tma_reads
+
+    tokens, hidden, inter, experts, top_k = 29, 48, 40, 5, 2
+    order, _, offsets = random_routing(tokens, experts, top_k, "cpu", hot=2, unrouted=3)
+    rows, m = order // top_k, order.shape[0]
+    ends = offsets.tolist()
+    groups = list(zip([0] + ends[:-1], ends))
+
+    def product(a, b):  # a[r] @ b[e(r)] in float64; rows past offsets[-1] zero
+        out = torch.zeros(m, b.shape[2], dtype=torch.float64)
+        for e, (s, t) in enumerate(groups):
+            out[s:t] = a[s:t].double() @ b[e].double()
+        return out
+
+    # the hot experts' groups hold the same tokens in the same order, so the pre-gathered A is not x[rows]:
+    # a load from the wrong group would go unseen
+    x, a_sorted = torch.randn(tokens, hidden), torch.randn(m, hidden)
+    w_gate_up = torch.randn(experts, 2 * inter, hidden) / hidden**0.5
+    w_down = torch.randn(experts, hidden, inter) / inter**0.5
+    errors = {}
+    for tma in (True, False):
+        for name, a, a_rows, a_ref in [("pre-gathered", a_sorted, None, a_sorted), ("gather on load", x, rows, x[rows])]:
+            preact, h = torch.empty(m, 2 * inter), torch.empty(m, inter)
+            grouped_gemm("gate_up", a, offsets, w_gate_up.transpose(1, 2), preact, n=inter, a_rows=a_rows, h=h, gated=True, tma=tma)
+            preact_ref = product(a_ref, w_gate_up.transpose(1, 2))
+            errors[f"gate_up {name}, tma={tma}"] = rel_err(preact, preact_ref)
+            errors[f"gate_up {name} h, tma={tma}"] = rel_err(h, reference.activate(preact_ref, "silu", True))
+        for name, b in [("K-contiguous weight", w_down.transpose(1, 2)), ("N-contiguous weight", w_down)]:
+            a = torch.randn(m, b.shape[1])
+            c = torch.empty(m, b.shape[2])
+            grouped_gemm("store", a, offsets, b, c, n=b.shape[2], tma=tma)
+            errors[f"store {name}, tma={tma}"] = rel_err(c, product(a, b))
+    errors["descriptors where aligned"] = float(not tma_reads(x))
+    errors["no descriptor for a 132-byte stride"] = float(tma_reads(torch.randn(7, 33)))
+    return errors
+
+
 EXTRA_CHECKS = {
+    "grouped_gemm_loads": check_grouped_gemm_loads,
     "gather_rows": check_gather_rows,
     "combine_rows": check_combine_rows,
     "sort_by_expert": check_sort_by_expert,

@@ -36,21 +36,25 @@ def fp32_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or INTERPRET
 
 
-def gemm_configs(block_m: str, block_n: str, widest_n: bool = True) -> list[triton.Config]:
+def gemm_configs(block_m: str, block_n: str, widest_n: bool = True, pre_hook=None) -> list[triton.Config]:
     """A short Hopper list (each config costs a compile and a benchmark the first time a shape is seen).
 
     ``block_m``/``block_n`` name the kernel's tile parameters. ``widest_n`` adds a 128x256 tile, which
-    only kernels with a single accumulator can hold in registers.
+    only kernels with a single accumulator can hold in registers. ``pre_hook`` runs before each launch
+    with the config's arguments (tensor descriptors take their block from it).
     """
     if INTERPRET:
-        return [triton.Config({block_m: 16, block_n: 16, "BLOCK_K": 16, "GROUP": 2}, num_warps=1, num_stages=1)]
+        config = {block_m: 16, block_n: 16, "BLOCK_K": 16, "GROUP": 2}
+        return [triton.Config(config, num_warps=1, num_stages=1, pre_hook=pre_hook)]
     # 128x128 with 4 stages: the gated gate_up forward at Qwen3-30B-A3B sizes 0.82 ms vs 0.87 with 3 (H100,
     # benchmarks/KERNELS_NOTES.md, v5 sweep); BLOCK_K 128 or 32, other GROUPs and 4-warp tiles were slower.
     shapes = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
     if widest_n:
         shapes.append((128, 256, 64, 8, 3))
     return [
-        triton.Config({block_m: bm, block_n: bn, "BLOCK_K": bk, "GROUP": 8}, num_warps=warps, num_stages=stages)
+        triton.Config(
+            {block_m: bm, block_n: bn, "BLOCK_K": bk, "GROUP": 8}, num_warps=warps, num_stages=stages, pre_hook=pre_hook
+        )
         for bm, bn, bk, warps, stages in shapes
     ]
 

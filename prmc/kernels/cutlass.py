@@ -1,13 +1,17 @@
-"""CUTLASS's grouped GEMM (``torch._grouped_mm``) for the layer's plain products, where it measured faster.
+"""CUTLASS's grouped GEMM (``torch._grouped_mm``) for the layer's weight gradients, where it measured faster.
 
-On an H100 in bf16 (benchmarks/KERNELS_NOTES.md, v4; torch 2.11, 8192 tokens) PyTorch's sm90 CUTLASS
-grouped GEMM beats our Triton grouped GEMM on every product without a fused gather or activation:
-down forward 0.43 vs 0.50 ms (Qwen3-30B-A3B) / 2.79 vs 2.92 (Mixtral), gate_up grad_x 0.81 vs 0.99 /
-5.50 vs 6.99, down grad_h (after a gather) 0.52 vs 0.67 / 2.80 vs 4.20, weight gradients 480-650 vs
-250-410 TFLOP/s. The gate_up forward stays Triton: its gather of token rows and gated activation are
-fused there (0.91 ms), which CUTLASS would need as two extra passes.
+The weight gradients reduce over each expert's rows (a K-grouped product). On Hopper in bf16 PyTorch's sm90
+CUTLASS kernel runs them at 470-650 TFLOP/s where our Triton weight_grad kernel ran at 250-410
+(benchmarks/KERNELS_NOTES.md, v3), on a gathered copy of the token rows (:mod:`prmc.kernels.gather_rows`).
 
-Outside that case (fp16, fp32, other GPUs, the interpreter, layouts CUTLASS rejects) the Triton kernels run.
+The row-grouped products (down forward, down grad_h, gate_up grad_x) ran on ``row_grouped_mm`` from v4 to v6;
+since v7 the Triton grouped GEMM reading through TMA runs them within 2% of it or faster (up to 14%; H200,
+bf16, four model sizes, benchmarks/results/moe_layer_breakdown.log), so the layer runs Triton there (one kernel
+whose epilogues can grow), and ``row_grouped_mm`` is the alternative ``benchmarks/moe_layer.py --breakdown``
+times beside it.
+
+Outside the CUTLASS case (fp16, fp32, other GPUs, the interpreter, layouts CUTLASS rejects) the Triton
+kernels run.
 """
 
 from __future__ import annotations

@@ -9,15 +9,22 @@ After routing, the M routed rows are sorted by expert, and ``offsets[e]`` is the
 =================  ==================  ===========================  ============================================
 use                A rows              B[e]                          epilogue
 =================  ==================  ===========================  ============================================
-gate_up forward    x[rows] (gathered)  W_gate_up[e].T  [H, F]        "gate_up":   preact, h = act(gate) * up
+gate_up forward    x[rows]             W_gate_up[e].T  [H, F]        "gate_up":   preact, h = act(gate) * up
 down forward       h                   W_down[e].T     [I, H]        "store":     C (combined by prmc.kernels.combine)
 down backward      grad_out[rows]      W_down[e]       [H, I]        "store":     C (to prmc.kernels.mlp_grad_rows)
 gate_up grad_x     d preact            W_gate_up[e]    [F, H]        "store":     C (combined likewise)
 =================  ==================  ===========================  ============================================
 
-The gather is fused: a tile's A rows are loaded through the index vector, so no permuted copy of the
-tokens is ever written. B is addressed through three strides, so the weight may be any view (the
-transposes above are free).
+Two ways to load the tiles. Where the GPU has TMA (Hopper on) and a tensor's base and strides are 16-byte
+aligned, B, and A when it is not gathered, are read through TMA tensor descriptors: the copy engine
+fetches whole tiles into shared memory, zero-fills past the tensor's ends (no masks), and the warps keep
+their registers and issue slots for the products. B's descriptor is three-dimensional, [E, rows, columns]
+in the weight's storage order, so a tile never reaches into the next expert. Elsewhere the tiles are
+pointer loads, and A may be gathered on load through an index vector (no permuted copy of the tokens).
+Hopper's TMA has no row gather, so there a gathered A is either loaded by pointers or gathered by
+:mod:`prmc.kernels.gather_rows` first and then read through TMA; the layer does the second (measured
+faster: benchmarks/KERNELS_NOTES.md, v7). B is addressed through its strides either way, so the weight may
+be any view (the transposes above are free).
 
 Persistent tile scheduler: one program per multiprocessor walks the tile list of all groups, tile ids
 ``pid, pid + P, pid + 2P, ...``. The group sizes live on the device, so the list is never built: each
@@ -43,8 +50,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from prmc.kernels._triton_common import (
+    INTERPRET,
     activation,
     fp32_dot,
     gemm_configs,
@@ -56,15 +65,40 @@ from prmc.kernels._triton_common import (
 
 
 def _prune(configs, named_args, **kwargs):
-    """Two accumulators (gated) do not fit a 128x256 tile in registers."""
-    if kwargs.get("GATED", named_args.get("GATED")):  # a keyword argument of the launch
-        return [c for c in configs if c.kwargs["BLOCK_N"] <= 128] or configs
+    """Two accumulators (gated) do not fit a 128x256 tile in registers. With TMA (Hopper) the 4-warp tiles
+    measured 15-50% slower than the best 8-warp tile on every product and size tried (H200, KERNELS_NOTES.md
+    v7), so they are not offered there (fewer compiles and benchmarks when a shape is first seen)."""
+    launch = {**named_args, **kwargs}  # the constexprs are keyword arguments of the launch
+    if launch["GATED"]:
+        configs = [c for c in configs if c.kwargs["BLOCK_N"] <= 128] or configs
+    if launch["A_DESC"] or launch["B_DESC"]:
+        configs = [c for c in configs if c.num_warps == 8] or configs
     return configs
 
 
+@triton.jit
+def _load_weight(desc, e, n, k, K_CONTIG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] tile of expert ``e``'s B at (k, n) through its descriptor, from either
+    storage order (a transposed view of K-contiguous storage stays a transposed read of shared memory)."""
+    if K_CONTIG:
+        tile = tl.trans(desc.load([e, n, k]).reshape(BLOCK_N, BLOCK_K))
+    else:
+        tile = desc.load([e, k, n]).reshape(BLOCK_K, BLOCK_N)
+    return tile
+
+
+def _descriptor_blocks(nargs):
+    """Autotune pre-hook: a tensor descriptor's block is the tile of the config being run."""
+    if nargs["A_DESC"]:
+        nargs["a_ptr"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    if nargs["B_DESC"]:
+        bk, bn = nargs["BLOCK_K"], nargs["BLOCK_N"]
+        nargs["b_ptr"].block_shape = [1, bn, bk] if nargs["B_K_CONTIG"] else [1, bk, bn]
+
+
 @triton.autotune(
-    configs=gemm_configs("BLOCK_M", "BLOCK_N"),
-    key=["N", "K", "EPILOGUE", "GATED", "GATHER_A"],
+    configs=gemm_configs("BLOCK_M", "BLOCK_N", pre_hook=_descriptor_blocks),
+    key=["N", "K", "EPILOGUE", "GATED", "GATHER_A", "A_DESC", "B_DESC", "B_K_CONTIG"],
     prune_configs_by={"early_config_prune": _prune},
 )
 @triton.heuristics(
@@ -76,6 +110,7 @@ def grouped_gemm_kernel(
     M, N, K, E, NUM_PROGRAMS,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn, stride_hm, stride_hn,
     EPILOGUE: tl.constexpr, GATHER_A: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, FP32_DOT: tl.constexpr,
+    A_DESC: tl.constexpr, B_DESC: tl.constexpr, B_K_CONTIG: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
 ):  # fmt: skip
@@ -83,7 +118,8 @@ def grouped_gemm_kernel(
     tile = tl.program_id(0)
     first_tile = 0  # id of the current group's first tile
     row_begin = 0
-    b_group_ptr = b_ptr  # advanced by stride_be per group: 64-bit pointer arithmetic, no int32 overflow
+    if not B_DESC:
+        b_group_ptr = b_ptr  # advanced by stride_be per group: 64-bit pointer arithmetic, no int32 overflow
     for e in range(E + 1):  # group E: the unrouted rows, zeroed
         if e < E:
             row_end = tl.load(offsets_ptr + e)
@@ -99,27 +135,42 @@ def grouped_gemm_kernel(
             out_mask = m_mask[:, None] & n_mask[None, :]
             offs_m64 = offs_m.to(tl.int64)
             if e < E:
-                # Out-of-tile rows read row 0 instead of being masked (always valid memory, results
-                # never stored); columns and K are masked only where they can run out (load_tile).
-                if GATHER_A:
-                    a_row = tl.load(a_rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
-                else:
-                    a_row = tl.where(m_mask, offs_m64, 0)
                 offs_k = tl.arange(0, BLOCK_K)
-                a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
-                b_ptrs = b_group_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+                # Pointer loads: out-of-tile rows read row 0 instead of being masked (always valid memory,
+                # results never stored); columns and K are masked only where they can run out (load_tile).
+                # Descriptor loads (TMA) zero-fill past the tensor's ends; A rows past the group's end read the
+                # next group's rows, which only reach output rows that are not stored.
+                if not A_DESC:
+                    if GATHER_A:
+                        a_row = tl.load(a_rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+                    else:
+                        a_row = tl.where(m_mask, offs_m64, 0)
+                    a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak
+                if not B_DESC:
+                    b_ptrs = b_group_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 for k in range(0, tl.cdiv(K, BLOCK_K)):
                     k_ok = offs_k < K - k * BLOCK_K
-                    a = load_tile(a_ptrs, m_mask, k_ok, False, not EVEN_K)
-                    b = load_tile(b_ptrs, k_ok, n_mask, not EVEN_K, not EVEN_N)
+                    if A_DESC:
+                        a = a_ptr.load([row_begin + pid_m * BLOCK_M, k * BLOCK_K])
+                    else:
+                        a = load_tile(a_ptrs, m_mask, k_ok, False, not EVEN_K)
+                    if B_DESC:
+                        b = _load_weight(b_ptr, e, pid_n * BLOCK_N, k * BLOCK_K, B_K_CONTIG, BLOCK_N, BLOCK_K)
+                    else:
+                        b = load_tile(b_ptrs, k_ok, n_mask, not EVEN_K, not EVEN_N)
                     acc = mma(a, b, acc, FP32_DOT)
                     if GATED:  # the up half: columns N..2N of the same weight
-                        b_up = load_tile(b_ptrs + N * stride_bn, k_ok, n_mask, not EVEN_K, not EVEN_N)
+                        if B_DESC:
+                            b_up = _load_weight(b_ptr, e, N + pid_n * BLOCK_N, k * BLOCK_K, B_K_CONTIG, BLOCK_N, BLOCK_K)
+                        else:
+                            b_up = load_tile(b_ptrs + N * stride_bn, k_ok, n_mask, not EVEN_K, not EVEN_N)
                         acc_up = mma(a, b_up, acc_up, FP32_DOT)
-                    a_ptrs += BLOCK_K * stride_ak
-                    b_ptrs += BLOCK_K * stride_bk
+                    if not A_DESC:
+                        a_ptrs += BLOCK_K * stride_ak
+                    if not B_DESC:
+                        b_ptrs += BLOCK_K * stride_bk
 
                 c_ptrs = c_ptr + offs_m64[:, None] * stride_cm + offs_n[None, :] * stride_cn
                 if EPILOGUE == "gate_up":
@@ -146,7 +197,24 @@ def grouped_gemm_kernel(
             tile += NUM_PROGRAMS
         first_tile += num_m * num_n
         row_begin = row_end
-        b_group_ptr += stride_be
+        if not B_DESC:
+            b_group_ptr += stride_be
+
+
+def _descriptor(t: torch.Tensor) -> TensorDescriptor | None:
+    """A TMA descriptor over ``t`` in its storage order (unit stride last), or None where TMA cannot read it:
+    no Hopper-class GPU (the interpreter emulates descriptors), a base or a stride not 16-byte aligned."""
+    if not (INTERPRET or (t.is_cuda and torch.cuda.get_device_capability(t.device) >= (9, 0))):
+        return None
+    if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:-1]):
+        return None
+    # The block is a placeholder: _descriptor_blocks sets the tile of each config before it runs.
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1] * (t.dim() - 2) + [16, 16])
+
+
+def tma_reads(t: torch.Tensor) -> bool:
+    """Whether the kernel reads ``t`` (an A operand, not gathered) through TMA."""
+    return _descriptor(t) is not None
 
 
 def grouped_gemm(
@@ -161,24 +229,32 @@ def grouped_gemm(
     h: torch.Tensor | None = None,
     activation: str = "silu",
     gated: bool = False,
+    tma: bool = True,
 ):
     """Launch the kernel over the groups of ``offsets``; writes ``c`` (and ``h``) in place.
     Returns the launched kernel (its ``asm``, ``n_regs``, ``n_spills`` for inspection), None if empty.
 
     ``b`` is [E, K, N'] as strides (any view; N' = 2n when gated, the up half after the gate half);
     ``m`` routed rows are ``offsets``' rows (``a_rows.shape[0]`` when gathering, else ``a.shape[0]``).
+    ``tma``: read B, and A when it is not gathered, through TMA descriptors where the device and the
+    layouts allow (False: pointer loads throughout, for comparison).
     """
     m = a_rows.shape[0] if a_rows is not None else a.shape[0]
     k = b.shape[1]
     if m == 0 or n == 0:
         return None
+    b_k_contig = b.stride(1) == 1 and b.stride(2) != 1
+    a_desc = _descriptor(a) if tma and a_rows is None else None
+    b_desc = _descriptor(b.transpose(1, 2) if b_k_contig else b) if tma else None
     programs = num_programs(a.device)
     return grouped_gemm_kernel[(programs,)](
-        a, a_rows if a_rows is not None else offsets, offsets, b, c, h if h is not None else c,
+        a_desc if a_desc is not None else a, a_rows if a_rows is not None else offsets, offsets,
+        b_desc if b_desc is not None else b, c, h if h is not None else c,
         m, n, k, offsets.shape[0], programs,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         *(h.stride() if h is not None else (0, 0)),
         EPILOGUE=epilogue, GATHER_A=a_rows is not None, ACTIVATION=activation, GATED=gated, FP32_DOT=fp32_dot(a.dtype),
+        A_DESC=a_desc is not None, B_DESC=b_desc is not None, B_K_CONTIG=b_k_contig,
     )  # fmt: skip
 
 

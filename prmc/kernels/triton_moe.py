@@ -5,17 +5,19 @@ keeps the reference. The functions are plain launchers too: the interpreter test
 tensors with ``TRITON_INTERPRET=1``.
 
 ====================  =======================================================================================
-op                    kernels (CUTLASS: ``torch._grouped_mm`` where cutlass.takes, else the Triton kernel)
+op                    kernels ("store"/"gate_up": grouped_gemm, through TMA where the GPU and layouts allow;
+                      CUTLASS: ``torch._grouped_mm`` where cutlass.takes, else the Triton weight_grad)
 ====================  =======================================================================================
 sort_by_expert        a counting sort in three Triton launches, giving the inverse permutation too (torch path
                       past 512 experts)
-experts               grouped_gemm "gate_up": gather x rows, GEMM with W_gate_up.T, preact + h = act(gate) * up;
-                      h @ W_down.T per routed row (CUTLASS | grouped_gemm "store"); combine_rows (* routing
-                      weight, summed per token through ``inverse``). Keeps only preact.
-experts_backward      g = grad_out[rows] @ W_down per routed row (gather_rows + CUTLASS | "store" gathering);
+experts               x[rows] (gather_rows, where TMA reads it; else gathered on load) -> "gate_up": GEMM with
+                      W_gate_up.T, preact + h = act(gate) * up; "store": h @ W_down.T per routed row;
+                      combine_rows (* routing weight, summed per token through ``inverse``). Keeps only preact.
+experts_backward      g = grad_out[rows] @ W_down per routed row ("store" on gather_rows' copy where CUTLASS
+                      takes the weight gradient below, else "store" gathering on load);
                       mlp_grad_rows: d preact, grad_scale, scale * h (h recomputed from preact);
                       grad_W_down = grad_out[rows].T @ (scale * h) (CUTLASS | weight_grad);
-                      grad_x = combine_rows(d preact @ W_gate_up) (CUTLASS | "store");
+                      grad_x = combine_rows("store": d preact @ W_gate_up);
                       grad_W_gate_up = d preact.T @ x[rows] (gather_rows + CUTLASS | weight_grad)
 ====================  =======================================================================================
 
@@ -32,7 +34,7 @@ from prmc.kernels import cutlass, reference
 from prmc.kernels._triton_common import KERNEL_DTYPES
 from prmc.kernels.combine import combine_rows
 from prmc.kernels.gather_rows import gather_rows
-from prmc.kernels.grouped_gemm import grouped_gemm
+from prmc.kernels.grouped_gemm import grouped_gemm, tma_reads
 from prmc.kernels.mlp_grad_rows import mlp_grad_rows
 from prmc.kernels.sort_by_expert import sort_by_expert
 from prmc.kernels.weight_grad import weight_grad
@@ -45,9 +47,9 @@ def _kernels_take(*tensors: Tensor | None) -> bool:
 
 
 def _per_row_product(a: Tensor, offsets: Tensor, b: Tensor) -> Tensor:
-    """``a[r] @ b[e(r)]`` for every routed row r: [M, N]; rows past ``offsets[-1]`` are not to be read."""
-    if cutlass.takes(a, b):
-        return cutlass.row_grouped_mm(a, b, offsets)
+    """``a[r] @ b[e(r)]`` for every routed row r: [M, N] (rows past ``offsets[-1]`` zero). On Hopper the Triton
+    kernel reads both operands through TMA, within 2% of CUTLASS or faster on every such product measured
+    (benchmarks/KERNELS_NOTES.md, v7); elsewhere it is the same kernel on pointer loads."""
     c = a.new_empty(a.shape[0], b.shape[2])
     grouped_gemm("store", a, offsets, b, c, n=b.shape[2])
     return c
@@ -72,10 +74,18 @@ def experts(
     offsets = offsets.int()
     h = x.new_empty(m, inter)
     preact = x.new_empty(m, f)
+    rows = order // top_k
+    if tma_reads(x):
+        # Hopper: TMA has no row gather, and gathering the rows first then reading them through TMA beat
+        # gathering them on load (benchmarks/KERNELS_NOTES.md, v7). x[rows] lives until the GEMM is done.
+        a, a_rows = gather_rows(x, rows), None
+    else:
+        a, a_rows = x, rows
     grouped_gemm(
-        "gate_up", x, offsets, w_gate_up.transpose(1, 2), preact,
-        n=inter, a_rows=order // top_k, h=h, activation=activation, gated=gated,
+        "gate_up", a, offsets, w_gate_up.transpose(1, 2), preact,
+        n=inter, a_rows=a_rows, h=h, activation=activation, gated=gated,
     )  # fmt: skip
+    del a
     y = _per_row_product(h, offsets, w_down.transpose(1, 2))
     del h  # freed before the combine allocates: the backward recomputes h from preact (mlp_grad_rows)
     return combine_rows(y, inverse, top_k, offsets, scale), preact
@@ -103,10 +113,11 @@ def experts_backward(
     offsets, rows = offsets.int(), order // top_k
     scale = scale.contiguous() if scale is not None else None
     preact = preact.contiguous()
-    # Down projection: g = grad_out[rows] @ W_down[e], the gradient at h before the routing weight.
+    # Down projection: g = grad_out[rows] @ W_down[e], the gradient at h before the routing weight. CUTLASS's
+    # weight gradient needs grad_out[rows] as a copy; the GEMM for g then reads that copy too.
     if cutlass.takes(grad_out, w_down):
         grad_out_rows = gather_rows(grad_out, rows)
-        g = cutlass.row_grouped_mm(grad_out_rows, w_down, offsets)
+        g = _per_row_product(grad_out_rows, offsets, w_down)
     else:
         grad_out_rows = None
         g = grad_out.new_empty(rows.shape[0], w_down.shape[2])
