@@ -164,12 +164,10 @@ def check_grouped_gemm_loads() -> dict[str, float]:
     tokens, hidden, inter, experts, top_k = 29, 48, 40, 5, 2
     order, _, offsets = random_routing(tokens, experts, top_k, "cpu", hot=2, unrouted=3)
     rows, m = order // top_k, order.shape[0]
-    ends = offsets.tolist()
-    groups = list(zip([0] + ends[:-1], ends))
 
     def product(a, b):  # a[r] @ b[e(r)] in float64; rows past offsets[-1] zero
         out = torch.zeros(m, b.shape[2], dtype=torch.float64)
-        for e, (s, t) in enumerate(groups):
+        for e, (s, t) in enumerate(reference.group_bounds(offsets)):
             out[s:t] = a[s:t].double() @ b[e].double()
         return out
 

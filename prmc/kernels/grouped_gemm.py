@@ -47,6 +47,8 @@ measured slower (benchmarks/KERNELS_NOTES.md, v4) and were not deterministic.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -201,20 +203,25 @@ def grouped_gemm_kernel(
             b_group_ptr += stride_be
 
 
-def _descriptor(t: torch.Tensor) -> TensorDescriptor | None:
-    """A TMA descriptor over ``t`` in its storage order (unit stride last), or None where TMA cannot read it:
-    no Hopper-class GPU (the interpreter emulates descriptors), a base or a stride not 16-byte aligned."""
-    if not (INTERPRET or (t.is_cuda and torch.cuda.get_device_capability(t.device) >= (9, 0))):
-        return None
-    if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:-1]):
-        return None
-    # The block is a placeholder: _descriptor_blocks sets the tile of each config before it runs.
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1] * (t.dim() - 2) + [16, 16])
+@functools.cache
+def _has_tma(device: torch.device) -> bool:
+    """Hopper-class GPUs (sm90 on) have TMA; the interpreter emulates descriptors."""
+    return INTERPRET or (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0))
 
 
 def tma_reads(t: torch.Tensor) -> bool:
-    """Whether the kernel reads ``t`` (an A operand, not gathered) through TMA."""
-    return _descriptor(t) is not None
+    """Whether the kernel reads ``t`` (an A operand, not gathered) through TMA: a device with TMA, unit stride
+    last, base and other strides 16-byte aligned."""
+    aligned = t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+    return _has_tma(t.device) and t.stride(-1) == 1 and aligned
+
+
+def _descriptor(t: torch.Tensor) -> TensorDescriptor | None:
+    """A TMA descriptor over ``t`` in its storage order, or None where TMA cannot read it (``tma_reads``)."""
+    if not tma_reads(t):
+        return None
+    # The block is a placeholder: _descriptor_blocks sets the tile of each config before it runs.
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1] * (t.dim() - 2) + [16, 16])
 
 
 def grouped_gemm(
