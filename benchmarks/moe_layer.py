@@ -159,10 +159,12 @@ def breakdown(name, tokens, device) -> None:
     from prmc.kernels.gather_rows import gather_rows
     from prmc.kernels.grouped_gemm import grouped_gemm, grouped_gemm_kernel
     from prmc.kernels.mlp_grad_rows import mlp_grad_rows
+    from prmc.kernels.weight_grad import weight_grad, weight_grad_kernel
 
     def tile(config):
         kw = config.kwargs
-        return f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}/w{config.num_warps}s{config.num_stages}"
+        rows, cols = (kw["BLOCK_M"], kw["BLOCK_N"]) if "BLOCK_M" in kw else (kw["BLOCK_P"], kw["BLOCK_Q"])
+        return f"{rows}x{cols}x{kw['BLOCK_K']}/w{config.num_warps}s{config.num_stages}"
 
     hidden, inter, experts, top_k, _ = CONFIGS[name]
     bf16 = dict(device=device, dtype=torch.bfloat16)
@@ -178,6 +180,7 @@ def breakdown(name, tokens, device) -> None:
     dpre, _, hs = mlp_grad_rows(g, preact, offsets, scale, order, "silu", True)
     y = torch.empty(m, hidden, **bf16)
     g_alt = torch.empty_like(h)
+    grad_w_down, grad_w_gate_up = torch.empty_like(w_down), torch.empty_like(w_gate_up)
     gemm = 2 * m * hidden * inter  # one [M, H] x [H, I] product
     parts = {
         "sort_by_expert": (lambda: torch.ops.prmc.sort_by_expert(ids, experts), 0),
@@ -193,19 +196,25 @@ def breakdown(name, tokens, device) -> None:
         "  alt down grad_h (CUTLASS)": (lambda: cutlass.row_grouped_mm(grad_out_rows, w_down, offsets), gemm),
         "  alt down grad_h (Triton, gather on load)": (lambda: grouped_gemm("store", grad_out, offsets, w_down, g_alt, n=inter, a_rows=rows), gemm),
         "mlp_grad_rows (d preact, grad_scale, scale*h)": (lambda: mlp_grad_rows(g, preact, offsets, scale, order, "silu", True), 0),
-        "down grad_w (CUTLASS)": (lambda: cutlass.k_grouped_mm(grad_out_rows, hs, offsets), gemm),
+        "down grad_w (Triton TMA)": (lambda: weight_grad(grad_out_rows, hs, offsets, grad_w_down), gemm),
+        "  alt down grad_w (CUTLASS)": (lambda: cutlass.k_grouped_mm(grad_out_rows, hs, offsets), gemm),
+        "  alt down grad_w (Triton, gather on load)": (lambda: weight_grad(grad_out, hs, offsets, grad_w_down, left_rows=rows), gemm),
         "gate_up grad_x (Triton TMA)": (lambda: grouped_gemm("store", dpre, offsets, w_gate_up, y, n=hidden), 2 * gemm),
         "  alt grad_x (CUTLASS)": (lambda: cutlass.row_grouped_mm(dpre, w_gate_up, offsets), 2 * gemm),
         "gate_up grad_x combine": (lambda: combine_rows(y, inverse, top_k, offsets), 0),
         "gather x rows": (lambda: gather_rows(x, rows), 0),
-        "gate_up grad_w (CUTLASS)": (lambda: cutlass.k_grouped_mm(dpre, x_rows, offsets), 2 * gemm),
+        "gate_up grad_w (Triton TMA)": (lambda: weight_grad(dpre, x_rows, offsets, grad_w_gate_up), 2 * gemm),
+        "  alt gate_up grad_w (CUTLASS)": (lambda: cutlass.k_grouped_mm(dpre, x_rows, offsets), 2 * gemm),
+        "  alt gate_up grad_w (Triton, gather on load)": (lambda: weight_grad(dpre, x, offsets, grad_w_gate_up, right_rows=rows), 2 * gemm),
     }  # fmt: skip
     total = 0.0
     for part, (fn, flops) in parts.items():
-        tuned_before = grouped_gemm_kernel.cache.copy()
+        tuned_before = {kernel: kernel.cache.copy() for kernel in (grouped_gemm_kernel, weight_grad_kernel)}
         compiled = fn()
         ms = triton.testing.do_bench(fn, return_mode="median")
-        tuned = [c for key, c in grouped_gemm_kernel.cache.items() if key not in tuned_before]
+        tuned = [
+            (kernel, c) for kernel, before in tuned_before.items() for key, c in kernel.cache.items() if key not in before
+        ]  # fmt: skip
         total += 0.0 if part.startswith("  alt") else ms
         asm = getattr(compiled, "asm", {}) or {}
         ptx = asm.get("ptx", "")
@@ -215,8 +224,9 @@ def breakdown(name, tokens, device) -> None:
         rate = f"{flops / ms / 1e9:6.0f} TFLOP/s" if flops else " " * 13
         print(f"  {name:22s} {part:42s} {ms:8.3f} ms {rate}  {mma:9s} {regs}", flush=True)
         if tuned:  # the tile the autotuner chose for this product, and what it measured for each
-            timings = ", ".join(f"{tile(c)} {t[0] if isinstance(t, list) else t:.3f}" for c, t in getattr(grouped_gemm_kernel, "configs_timings", {}).items())
-            print(f"  {name:22s}     autotuned {tile(tuned[0])} of: {timings}", flush=True)
+            kernel, config = tuned[0]
+            timings = ", ".join(f"{tile(c)} {t[0] if isinstance(t, list) else t:.3f}" for c, t in getattr(kernel, "configs_timings", {}).items())
+            print(f"  {name:22s}     autotuned {tile(config)} of: {timings}", flush=True)
     print(f"  {name:22s} {'sum of the parts used (fwd+bwd)':42s} {total:8.3f} ms", flush=True)
 
 

@@ -68,11 +68,11 @@ def test_kernels_match_reference(name, interpreter_errors):
     assert not bad, f"{name}: relative errors over {TOLERANCE[case.dtype]:g}: {bad}"
 
 
-@pytest.mark.parametrize("name", ["grouped_gemm_loads", "gather_rows", "combine_rows", "sort_by_expert"])
+@pytest.mark.parametrize("name", ["grouped_gemm_loads", "weight_grad_loads", "gather_rows", "combine_rows", "sort_by_expert"])
 def test_row_kernels(name, interpreter_errors):
-    """The grouped GEMM's two load paths (TMA descriptors, pointers), the gather feeding CUTLASS and TMA on
-    Hopper, the per-token combine (exact sums in fp32 inputs), and the dispatch's counting sort (its errors
-    are counts of wrong integers, so any mismatch fails)."""
+    """The two load paths (TMA descriptors, pointers) of the grouped GEMM and of the weight gradient, the
+    gather feeding CUTLASS and TMA on Hopper, the per-token combine (exact sums in fp32 inputs), and the
+    dispatch's counting sort (its errors are counts of wrong integers, so any mismatch fails)."""
     errors = interpreter_errors[name]
     bad = {k: v for k, v in errors.items() if not v <= TOLERANCE[torch.float32]}
     assert len(errors) >= 2 and not bad, errors
@@ -194,8 +194,45 @@ def check_grouped_gemm_loads() -> dict[str, float]:
     return errors
 
 
+def check_weight_grad_loads() -> dict[str, float]:
+    """The weight gradient reading through device-side TMA descriptors (one per group, bounded by its end) and
+    through pointers, each against the float64 product per group: sorted operands, either one gathered on
+    load, an empty group, unrouted rows past offsets[-1], and a layout TMA cannot read (pointer fallback)."""
+    from prmc.kernels import reference
+    from prmc.kernels.check import random_routing, rel_err
+    from prmc.kernels.weight_grad import weight_grad
+
+    tokens, p, q, experts, top_k = 29, 48, 40, 5, 2
+    order, _, offsets = random_routing(tokens, experts, top_k, "cpu", hot=2, unrouted=3)
+    rows, m = order // top_k, order.shape[0]
+
+    # A row past a group's end changes a sum only where both operands hold it (TMA zero-fills each one past
+    # the group's end); random rows in both make any such row show.
+    def expected(left, right):
+        out = torch.zeros(experts, left.shape[1], right.shape[1], dtype=torch.float64)
+        for e, (s, t) in enumerate(reference.group_bounds(offsets)):
+            out[e] = left[s:t].double().t() @ right[s:t].double()
+        return out
+
+    left, right, x = torch.randn(m, p), torch.randn(m, q), torch.randn(tokens, q)
+    unaligned = torch.randn(m, q + 1)[:, :q]  # a 164-byte row stride: no descriptor
+    errors = {}
+    for tma in (True, False):
+        for name, args, kwargs, ref in [
+            ("sorted", (left, right), {}, (left, right)),
+            ("right gathered on load", (left, x), {"right_rows": rows}, (left, x[rows])),
+            ("left gathered on load", (x, left), {"left_rows": rows}, (x[rows], left)),
+            ("unaligned right", (left, unaligned), {}, (left, unaligned)),
+        ]:
+            out = torch.full((experts, *(a.shape[1] for a in args)), float("nan"))
+            weight_grad(*args, offsets, out, tma=tma, **kwargs)
+            errors[f"{name}, tma={tma}"] = rel_err(out, expected(*ref))
+    return errors
+
+
 EXTRA_CHECKS = {
     "grouped_gemm_loads": check_grouped_gemm_loads,
+    "weight_grad_loads": check_weight_grad_loads,
     "gather_rows": check_gather_rows,
     "combine_rows": check_combine_rows,
     "sort_by_expert": check_sort_by_expert,

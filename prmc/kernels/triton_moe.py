@@ -6,19 +6,20 @@ tensors with ``TRITON_INTERPRET=1``.
 
 ====================  =======================================================================================
 op                    kernels ("store"/"gate_up": grouped_gemm, through TMA where the GPU and layouts allow;
-                      CUTLASS: ``torch._grouped_mm`` where cutlass.takes, else the Triton weight_grad)
+                      "weight grad": CUTLASS's ``torch._grouped_mm`` where cutlass.takes (Hopper, bf16), else
+                      the Triton weight_grad, through TMA where it can)
 ====================  =======================================================================================
 sort_by_expert        a counting sort in three Triton launches, giving the inverse permutation too (torch path
                       past 512 experts)
 experts               x[rows] (gather_rows, where TMA reads it; else gathered on load) -> "gate_up": GEMM with
                       W_gate_up.T, preact + h = act(gate) * up; "store": h @ W_down.T per routed row;
                       combine_rows (* routing weight, summed per token through ``inverse``). Keeps only preact.
-experts_backward      g = grad_out[rows] @ W_down per routed row ("store" on gather_rows' copy where CUTLASS
-                      takes the weight gradient below, else "store" gathering on load);
-                      mlp_grad_rows: d preact, grad_scale, scale * h (h recomputed from preact);
-                      grad_W_down = grad_out[rows].T @ (scale * h) (CUTLASS | weight_grad);
-                      grad_x = combine_rows("store": d preact @ W_gate_up);
-                      grad_W_gate_up = d preact.T @ x[rows] (gather_rows + CUTLASS | weight_grad)
+experts_backward      g = grad_out[rows] @ W_down per routed row ("store" on gather_rows' copy where TMA reads
+                      it, else gathering on load); mlp_grad_rows: d preact, grad_scale, scale * h (h
+                      recomputed from preact); grad_W_down = grad_out[rows].T @ (scale * h) (weight grad, on
+                      the same copy); grad_x = combine_rows("store": d preact @ W_gate_up);
+                      grad_W_gate_up = d preact.T @ x[rows] (weight grad, on gather_rows' copy where TMA reads
+                      it, else gathering on load)
 ====================  =======================================================================================
 
 Inputs outside what the kernels take (fp64, mixed dtypes, indices not int64/int32) fall back to the
@@ -53,6 +54,20 @@ def _per_row_product(a: Tensor, offsets: Tensor, b: Tensor) -> Tensor:
     c = a.new_empty(a.shape[0], b.shape[2])
     grouped_gemm("store", a, offsets, b, c, n=b.shape[2])
     return c
+
+
+def _weight_grad(
+    left: Tensor, right: Tensor, offsets: Tensor, shape: torch.Size, *, left_rows: Tensor | None = None,
+    right_rows: Tensor | None = None,
+) -> Tensor:
+    """``out[e] = left[left_rows][g_e].T @ right[right_rows][g_e]``, [E, P, Q] = ``shape``. CUTLASS where it takes
+    the (gathered) operands: at the layer's sizes it ran 6-20% faster than the Triton kernel through TMA (H200,
+    bf16, benchmarks/KERNELS_NOTES.md, v8)."""
+    if left_rows is None and right_rows is None and cutlass.takes(left, right):
+        return cutlass.k_grouped_mm(left, right, offsets)
+    out = left.new_empty(shape)
+    weight_grad(left, right, offsets, out, left_rows=left_rows, right_rows=right_rows)
+    return out
 
 
 def experts(
@@ -113,32 +128,26 @@ def experts_backward(
     offsets, rows = offsets.int(), order // top_k
     scale = scale.contiguous() if scale is not None else None
     preact = preact.contiguous()
-    # Down projection: g = grad_out[rows] @ W_down[e], the gradient at h before the routing weight. CUTLASS's
-    # weight gradient needs grad_out[rows] as a copy; the GEMM for g then reads that copy too.
-    if cutlass.takes(grad_out, w_down):
-        grad_out_rows = gather_rows(grad_out, rows)
-        g = _per_row_product(grad_out_rows, offsets, w_down)
+    # Down projection: g = grad_out[rows] @ W_down[e], the gradient at h before the routing weight. Where TMA
+    # reads it, grad_out[rows] is gathered once, for this product and the weight gradient.
+    if tma_reads(grad_out):
+        grad_out_rows, grad_out_index = gather_rows(grad_out, rows), None
     else:
-        grad_out_rows = None
-        g = grad_out.new_empty(rows.shape[0], w_down.shape[2])
-        grouped_gemm("store", grad_out, offsets, w_down, g, n=w_down.shape[2], a_rows=rows)
+        grad_out_rows, grad_out_index = grad_out, rows
+    g = grad_out.new_empty(rows.shape[0], w_down.shape[2])
+    grouped_gemm("store", grad_out_rows, offsets, w_down, g, n=w_down.shape[2], a_rows=grad_out_index)
     dpre, grad_scale, hs = mlp_grad_rows(g, preact, offsets, scale, order, activation, gated)
     del g
     if grad_preact is not None:  # preact used beyond h: never by the lowering
         dpre += grad_preact
-    if grad_out_rows is not None and cutlass.takes(grad_out_rows, hs):
-        grad_w_down = cutlass.k_grouped_mm(grad_out_rows, hs, offsets)
-    else:
-        grad_w_down = w_down.new_empty(w_down.shape)
-        weight_grad(grad_out, hs, offsets, grad_w_down, left_rows=rows)
+    grad_w_down = _weight_grad(grad_out_rows, hs, offsets, w_down.shape, left_rows=grad_out_index)
     del grad_out_rows, hs
     # Gate/up projection, from d preact.
     grad_x = combine_rows(_per_row_product(dpre, offsets, w_gate_up), inverse, top_k, offsets)
-    if cutlass.takes(dpre, x):
-        grad_w_gate_up = cutlass.k_grouped_mm(dpre, gather_rows(x, rows), offsets)
+    if tma_reads(x):
+        grad_w_gate_up = _weight_grad(dpre, gather_rows(x, rows), offsets, w_gate_up.shape)
     else:
-        grad_w_gate_up = w_gate_up.new_empty(w_gate_up.shape)
-        weight_grad(dpre, x, offsets, grad_w_gate_up, right_rows=rows)
+        grad_w_gate_up = _weight_grad(dpre, x, offsets, w_gate_up.shape, right_rows=rows)
     return grad_x, grad_w_gate_up, grad_w_down, grad_scale if scale is not None else x.new_empty(0)
 
 

@@ -15,26 +15,54 @@ down    [E, H, I]   grad_out[rows] (gathered)         scale * h (sorted rows)   
 
 One program per output tile (e, p-block, q-block): the output has a fixed size, so a plain grid needs
 no scheduler, and the hardware hands the long tiles of a hot expert and the short ones of a cold expert
-to free multiprocessors as they come. Each program walks its group's rows BLOCK_K at a time; rows past
-the group's end are masked to zero (they belong to the next expert). The gathers happen on the tile as it
-is loaded, so no permuted copy is written (``scale * h`` comes from :mod:`prmc.kernels.mlp_grad_rows`).
+to free multiprocessors as they come. Each program walks its group's rows BLOCK_K at a time.
 
-On Hopper in bf16 the layer uses CUTLASS's K-grouped GEMM instead (:mod:`prmc.kernels.cutlass`), on a
-materialised gathered operand: measured on an H100 (benchmarks/KERNELS_NOTES.md, v3), this kernel, best
-tile of a 12-config sweep, runs at 250-410 TFLOP/s where CUTLASS runs at 480-650, and the gather costs
-0.1-0.2 ms at 8192 tokens. This kernel serves the other dtypes and devices.
+Two ways to load the tiles. Where the GPU has TMA (Hopper on) and an operand is not gathered and is
+16-byte aligned, the program makes a tensor descriptor on the device over just its group's rows (base at
+the group's first row, extent the group's length): TMA zero-fills past the group's end, so the next
+expert's rows never enter the sum and the loop needs no masks. Triton writes such descriptors into a
+workspace it asks for at launch (``triton.set_allocator``). Elsewhere the tiles are pointer loads, rows
+past the group's end are masked to zero, and an operand may be gathered on load through an index vector
+(no permuted copy).
+
+Measured at the layer's sizes (H200, bf16, 8192 tokens, benchmarks/KERNELS_NOTES.md, v8): through TMA on
+gathered copies this kernel runs 405-409 TFLOP/s at Qwen3-30B-A3B sizes and 523-573 at Mixtral's, gathering
+on load 324-353 and 393-431, and CUTLASS's K-grouped GEMM (:mod:`prmc.kernels.cutlass`) 432-489 and 589-655.
+So in bf16 on Hopper the layer takes CUTLASS; this kernel serves fp16, fp32 and the other devices.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from prmc.kernels._triton_common import fp32_dot, gemm_configs, group_start, load_tile, mma, swizzle
+from prmc.kernels.grouped_gemm import tma_reads
 
 
-@triton.autotune(configs=gemm_configs("BLOCK_P", "BLOCK_Q"), key=["P", "Q", "GATHER_L", "GATHER_R"])
+@triton.jit
+def _operand_tile(
+    src, rows_ptr, first, k, offs_k, k_mask, col, offs_c, c_ok, stride_m, stride_c,
+    DESC: tl.constexpr, GATHER: tl.constexpr, EVEN_C: tl.constexpr,
+):  # fmt: skip
+    """The [BLOCK_K, BLOCK_C] tile of one operand at the group's rows k.. and columns col..: through the
+    group's descriptor (``src`` a descriptor), or by pointers (``src`` the tensor; rows gathered through
+    ``rows_ptr`` when GATHER, rows past the group's end masked to zero)."""
+    if DESC:
+        tile = src.load([k, col])
+    else:
+        if GATHER:
+            row = tl.load(rows_ptr + first + offs_k, mask=k_mask, other=0).to(tl.int64)
+        else:
+            row = first + offs_k
+        tile = load_tile(src + row[:, None] * stride_m + offs_c[None, :] * stride_c, k_mask, c_ok, True, not EVEN_C)
+    return tile
+
+
+@triton.autotune(configs=gemm_configs("BLOCK_P", "BLOCK_Q"), key=["P", "Q", "GATHER_L", "GATHER_R", "L_DESC", "R_DESC"])
 @triton.heuristics(
     {"EVEN_P": lambda args: args["P"] % args["BLOCK_P"] == 0, "EVEN_Q": lambda args: args["Q"] % args["BLOCK_Q"] == 0}
 )
@@ -43,7 +71,7 @@ def weight_grad_kernel(
     l_ptr, l_rows_ptr, r_ptr, r_rows_ptr, offsets_ptr, out_ptr,
     P, Q,
     stride_lm, stride_lp, stride_rm, stride_rq, stride_oe, stride_op, stride_oq,
-    GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, FP32_DOT: tl.constexpr,
+    GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, L_DESC: tl.constexpr, R_DESC: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
     EVEN_P: tl.constexpr, EVEN_Q: tl.constexpr,
 ):  # fmt: skip
@@ -53,26 +81,32 @@ def weight_grad_kernel(
     e = pid // (num_p * num_q)
     pid_p, pid_q = swizzle(pid % (num_p * num_q), num_p, num_q, GROUP)
     row_begin = group_start(offsets_ptr, e)
-    row_end = tl.load(offsets_ptr + e)
+    rows = tl.load(offsets_ptr + e) - row_begin
 
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     p_ok = offs_p < P
     q_ok = offs_q < Q
+    # The group's rows as a tensor of their own: TMA zero-fills past its end, so the next expert's rows
+    # never enter the sum and the loop needs no masks.
+    first = row_begin.to(tl.int64)
+    l_desc, r_desc = l_ptr, r_ptr  # pointer loads where there is no descriptor
+    if L_DESC:
+        l_desc = tl.make_tensor_descriptor(l_ptr + first * stride_lm, [rows, P], [stride_lm, 1], [BLOCK_K, BLOCK_P])
+    if R_DESC:
+        r_desc = tl.make_tensor_descriptor(r_ptr + first * stride_rm, [rows, Q], [stride_rm, 1], [BLOCK_K, BLOCK_Q])
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-    for k in range(row_begin, row_end, BLOCK_K):
+    for k in range(0, rows, BLOCK_K):
         offs_k = k + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < row_end
-        if GATHER_L:
-            l_row = tl.load(l_rows_ptr + offs_k, mask=k_mask, other=0).to(tl.int64)
-        else:
-            l_row = offs_k.to(tl.int64)
-        if GATHER_R:
-            r_row = tl.load(r_rows_ptr + offs_k, mask=k_mask, other=0).to(tl.int64)
-        else:
-            r_row = offs_k.to(tl.int64)
-        l_tile = load_tile(l_ptr + l_row[:, None] * stride_lm + offs_p[None, :] * stride_lp, k_mask, p_ok, True, not EVEN_P)
-        r_tile = load_tile(r_ptr + r_row[:, None] * stride_rm + offs_q[None, :] * stride_rq, k_mask, q_ok, True, not EVEN_Q)
+        k_mask = offs_k < rows
+        l_tile = _operand_tile(
+            l_desc, l_rows_ptr, first, k, offs_k, k_mask, pid_p * BLOCK_P, offs_p, p_ok, stride_lm, stride_lp,
+            L_DESC, GATHER_L, EVEN_P,
+        )  # fmt: skip
+        r_tile = _operand_tile(
+            r_desc, r_rows_ptr, first, k, offs_k, k_mask, pid_q * BLOCK_Q, offs_q, q_ok, stride_rm, stride_rq,
+            R_DESC, GATHER_R, EVEN_Q,
+        )  # fmt: skip
         acc = mma(tl.trans(l_tile), r_tile, acc, FP32_DOT)
 
     out_ptrs = out_ptr + e.to(tl.int64) * stride_oe + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq
@@ -87,13 +121,22 @@ def weight_grad(
     *,
     left_rows: torch.Tensor | None = None,
     right_rows: torch.Tensor | None = None,
+    tma: bool = True,
 ):
     """Write ``out[e] = left[left_rows][g_e].T @ right[right_rows][g_e]`` for every group g_e.
     Returns the launched kernel (its ``asm``, ``n_regs``, ``n_spills`` for inspection).
 
-    ``out`` is [E, P, Q] (any strides); P = left's columns, Q = right's columns.
+    ``out`` is [E, P, Q] (any strides); P = left's columns, Q = right's columns. ``tma``: read the operands
+    that are not gathered through TMA where the device and their layouts allow (False: pointer loads).
     """
     experts, p, q = out.shape
+    l_desc = tma and left_rows is None and tma_reads(left)
+    r_desc = tma and right_rows is None and tma_reads(right)
+    if l_desc or r_desc:
+        # The descriptors are made on the device, in a workspace Triton asks for at launch. The allocator is
+        # per thread (a ContextVar), and the backward runs on autograd's thread: set it on every launch, as
+        # Inductor's launcher does.
+        triton.set_allocator(functools.partial(_workspace, device=left.device))
 
     def grid(meta):
         return (experts * triton.cdiv(p, meta["BLOCK_P"]) * triton.cdiv(q, meta["BLOCK_Q"]),)
@@ -103,8 +146,15 @@ def weight_grad(
         right_rows if right_rows is not None else offsets, offsets, out,
         p, q,
         left.stride(0), left.stride(1), right.stride(0), right.stride(1), *out.stride(),
-        GATHER_L=left_rows is not None, GATHER_R=right_rows is not None, FP32_DOT=fp32_dot(left.dtype),
+        GATHER_L=left_rows is not None, GATHER_R=right_rows is not None, L_DESC=l_desc, R_DESC=r_desc,
+        FP32_DOT=fp32_dot(left.dtype),
     )  # fmt: skip
+
+
+def _workspace(size: int, alignment: int, stream: int | None, *, device: torch.device) -> torch.Tensor:
+    """Triton's allocator protocol: ``size`` bytes for the kernel's descriptors (the caching allocator's
+    blocks are 512-byte aligned, past the 128 bytes a descriptor needs)."""
+    return torch.empty(size, dtype=torch.int8, device=device)
 
 
 if __name__ == "__main__":
