@@ -159,7 +159,8 @@ def check_grouped_gemm_loads() -> dict[str, float]:
     where TMA cannot read (a stride that is not a multiple of 16 bytes)."""
     from prmc.kernels import reference
     from prmc.kernels.check import random_routing, rel_err
-    from prmc.kernels.grouped_gemm import grouped_gemm, tma_reads
+    from prmc.kernels._triton_common import tma_reads
+    from prmc.kernels.grouped_gemm import grouped_gemm
 
     tokens, hidden, inter, experts, top_k = 29, 48, 40, 5, 2
     order, _, offsets = random_routing(tokens, experts, top_k, "cpu", hot=2, unrouted=3)

@@ -6,6 +6,7 @@ host-side helper for launching. Nothing here launches a kernel.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -57,6 +58,19 @@ def gemm_configs(block_m: str, block_n: str, widest_n: bool = True, pre_hook=Non
         )
         for bm, bn, bk, warps, stages in shapes
     ]
+
+
+@functools.cache
+def _has_tma(device: torch.device) -> bool:
+    """Hopper-class GPUs (sm90 on) have TMA; the interpreter emulates descriptors."""
+    return INTERPRET or (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
+def tma_reads(t: torch.Tensor) -> bool:
+    """Whether the GEMM kernels can read ``t`` (an operand they do not gather) through TMA: a device with TMA,
+    unit stride last, base and other strides 16-byte aligned."""
+    aligned = t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+    return _has_tma(t.device) and t.stride(-1) == 1 and aligned
 
 
 @triton.jit

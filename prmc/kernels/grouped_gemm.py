@@ -47,15 +47,12 @@ measured slower (benchmarks/KERNELS_NOTES.md, v4) and were not deterministic.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from prmc.kernels._triton_common import (
-    INTERPRET,
     activation,
     fp32_dot,
     gemm_configs,
@@ -63,6 +60,7 @@ from prmc.kernels._triton_common import (
     mma,
     num_programs,
     swizzle,
+    tma_reads,
 )
 
 
@@ -201,19 +199,6 @@ def grouped_gemm_kernel(
         row_begin = row_end
         if not B_DESC:
             b_group_ptr += stride_be
-
-
-@functools.cache
-def _has_tma(device: torch.device) -> bool:
-    """Hopper-class GPUs (sm90 on) have TMA; the interpreter emulates descriptors."""
-    return INTERPRET or (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0))
-
-
-def tma_reads(t: torch.Tensor) -> bool:
-    """Whether the kernel reads ``t`` (an A operand, not gathered) through TMA: a device with TMA, unit stride
-    last, base and other strides 16-byte aligned."""
-    aligned = t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
-    return _has_tma(t.device) and t.stride(-1) == 1 and aligned
 
 
 def _descriptor(t: torch.Tensor) -> TensorDescriptor | None:

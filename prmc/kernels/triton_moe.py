@@ -32,10 +32,10 @@ import torch
 from torch import Tensor
 
 from prmc.kernels import cutlass, reference
-from prmc.kernels._triton_common import KERNEL_DTYPES
+from prmc.kernels._triton_common import KERNEL_DTYPES, tma_reads
 from prmc.kernels.combine import combine_rows
 from prmc.kernels.gather_rows import gather_rows
-from prmc.kernels.grouped_gemm import grouped_gemm, tma_reads
+from prmc.kernels.grouped_gemm import grouped_gemm
 from prmc.kernels.mlp_grad_rows import mlp_grad_rows
 from prmc.kernels.sort_by_expert import sort_by_expert
 from prmc.kernels.weight_grad import weight_grad
@@ -45,6 +45,15 @@ def _kernels_take(*tensors: Tensor | None) -> bool:
     """One float dtype the kernels handle, shared by every float operand."""
     dtypes = {t.dtype for t in tensors if t is not None}
     return len(dtypes) == 1 and dtypes.pop() in KERNEL_DTYPES
+
+
+def _routed_rows(t: Tensor, rows: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(operand, index) for a GEMM that needs ``t[rows]``: on Hopper a gathered copy and no index (TMA has no
+    row gather, and gathering first then reading through TMA beat gathering on load: benchmarks/
+    KERNELS_NOTES.md, v7-v8); elsewhere ``t`` itself and ``rows``, gathered on load (no copy)."""
+    if tma_reads(t):
+        return gather_rows(t, rows), None
+    return t, rows
 
 
 def _per_row_product(a: Tensor, offsets: Tensor, b: Tensor) -> Tensor:
@@ -89,13 +98,7 @@ def experts(
     offsets = offsets.int()
     h = x.new_empty(m, inter)
     preact = x.new_empty(m, f)
-    rows = order // top_k
-    if tma_reads(x):
-        # Hopper: TMA has no row gather, and gathering the rows first then reading them through TMA beat
-        # gathering them on load (benchmarks/KERNELS_NOTES.md, v7). x[rows] lives until the GEMM is done.
-        a, a_rows = gather_rows(x, rows), None
-    else:
-        a, a_rows = x, rows
+    a, a_rows = _routed_rows(x, order // top_k)  # a copy of x[rows] lives until the GEMM is done
     grouped_gemm(
         "gate_up", a, offsets, w_gate_up.transpose(1, 2), preact,
         n=inter, a_rows=a_rows, h=h, activation=activation, gated=gated,
@@ -128,12 +131,9 @@ def experts_backward(
     offsets, rows = offsets.int(), order // top_k
     scale = scale.contiguous() if scale is not None else None
     preact = preact.contiguous()
-    # Down projection: g = grad_out[rows] @ W_down[e], the gradient at h before the routing weight. Where TMA
-    # reads it, grad_out[rows] is gathered once, for this product and the weight gradient.
-    if tma_reads(grad_out):
-        grad_out_rows, grad_out_index = gather_rows(grad_out, rows), None
-    else:
-        grad_out_rows, grad_out_index = grad_out, rows
+    # Down projection: g = grad_out[rows] @ W_down[e], the gradient at h before the routing weight. A gathered
+    # copy of grad_out[rows] serves this product and the weight gradient.
+    grad_out_rows, grad_out_index = _routed_rows(grad_out, rows)
     g = grad_out.new_empty(rows.shape[0], w_down.shape[2])
     grouped_gemm("store", grad_out_rows, offsets, w_down, g, n=w_down.shape[2], a_rows=grad_out_index)
     dpre, grad_scale, hs = mlp_grad_rows(g, preact, offsets, scale, order, activation, gated)
@@ -144,10 +144,9 @@ def experts_backward(
     del grad_out_rows, hs
     # Gate/up projection, from d preact.
     grad_x = combine_rows(_per_row_product(dpre, offsets, w_gate_up), inverse, top_k, offsets)
-    if tma_reads(x):
-        grad_w_gate_up = _weight_grad(dpre, gather_rows(x, rows), offsets, w_gate_up.shape)
-    else:
-        grad_w_gate_up = _weight_grad(dpre, x, offsets, w_gate_up.shape, right_rows=rows)
+    # x[rows] is gathered again rather than kept from the forward (that would hold T*k*H more memory).
+    x_rows, x_index = _routed_rows(x, rows)
+    grad_w_gate_up = _weight_grad(dpre, x_rows, offsets, w_gate_up.shape, right_rows=x_index)
     return grad_x, grad_w_gate_up, grad_w_down, grad_scale if scale is not None else x.new_empty(0)
 
 

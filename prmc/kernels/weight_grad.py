@@ -39,8 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from prmc.kernels._triton_common import fp32_dot, gemm_configs, group_start, load_tile, mma, swizzle
-from prmc.kernels.grouped_gemm import tma_reads
+from prmc.kernels._triton_common import fp32_dot, gemm_configs, group_start, load_tile, mma, swizzle, tma_reads
 
 
 @triton.jit
