@@ -28,6 +28,8 @@ CASES = {
     "odd fp16 gelu_tanh ungated, transposed": Case(1000, 1000, 700, 10, 3, dtype=torch.float16, activation="gelu_tanh", gated=False, transposed_weights=True),
     "fp32 gelu transposed": Case(1024, 1024, 512, 16, 4, activation="gelu", transposed_weights=True),
     "one group bf16 relu": Case(4096, 1024, 512, 8, 1, dtype=torch.bfloat16, activation="relu", hot=1),
+    # 4 experts of ~2048 rows (expert 0 empty): grad_x's product and grad_w_gate_up on cuBLAS per expert
+    "few large experts bf16, empty + unrouted": Case(4096, 2048, 2816, 4, 2, dtype=torch.bfloat16, hot=1, unrouted=777),
 }  # fmt: skip
 
 

@@ -154,7 +154,7 @@ def breakdown(name, tokens, device) -> None:
     "alt" are other kernels for the product above them (the choice, measured; not in the sum)."""
     import triton
 
-    from prmc.kernels import cutlass
+    from prmc.kernels import cublas, cutlass
     from prmc.kernels.combine import combine_rows
     from prmc.kernels.gather_rows import gather_rows
     from prmc.kernels.grouped_gemm import grouped_gemm, grouped_gemm_kernel
@@ -182,6 +182,14 @@ def breakdown(name, tokens, device) -> None:
     g_alt = torch.empty_like(h)
     grad_w_down, grad_w_gate_up = torch.empty_like(w_down), torch.empty_like(w_gate_up)
     gemm = 2 * m * hidden * inter  # one [M, H] x [H, I] product
+    few_large, bounds = cublas.takes(offsets, m, dpre, x, w_gate_up), cublas.group_bounds(offsets)
+
+    def used_first(per_expert, grouped):
+        """The two (label, part) choices of a product that cuBLAS runs per expert in few-large-expert layers:
+        the one the layer runs first, the other marked alt."""
+        used, alt = (per_expert, grouped) if few_large else (grouped, per_expert)
+        return {used[0]: used[1], "  alt " + alt[0]: alt[1]}
+
     parts = {
         "sort_by_expert": (lambda: torch.ops.prmc.sort_by_expert(ids, experts), 0),
         "gather x rows (fwd)": (lambda: gather_rows(x, rows), 0),
@@ -199,11 +207,17 @@ def breakdown(name, tokens, device) -> None:
         "down grad_w (CUTLASS)": (lambda: cutlass.k_grouped_mm(grad_out_rows, hs, offsets), gemm),
         "  alt down grad_w (Triton TMA)": (lambda: weight_grad(grad_out_rows, hs, offsets, grad_w_down), gemm),
         "  alt down grad_w (Triton, gather on load)": (lambda: weight_grad(grad_out, hs, offsets, grad_w_down, left_rows=rows), gemm),
-        "gate_up grad_x (Triton TMA)": (lambda: grouped_gemm("store", dpre, offsets, w_gate_up, y, n=hidden), 2 * gemm),
+        **used_first(
+            ("gate_up grad_x (cuBLAS per expert)", (lambda: cublas.row_mm(dpre, w_gate_up, bounds), 2 * gemm)),
+            ("gate_up grad_x (Triton TMA)", (lambda: grouped_gemm("store", dpre, offsets, w_gate_up, y, n=hidden), 2 * gemm)),
+        ),
         "  alt grad_x (CUTLASS)": (lambda: cutlass.row_grouped_mm(dpre, w_gate_up, offsets), 2 * gemm),
         "gate_up grad_x combine": (lambda: combine_rows(y, inverse, top_k, offsets), 0),
         "gather x rows": (lambda: gather_rows(x, rows), 0),
-        "gate_up grad_w (CUTLASS)": (lambda: cutlass.k_grouped_mm(dpre, x_rows, offsets), 2 * gemm),
+        **used_first(
+            ("gate_up grad_w (cuBLAS per expert)", (lambda: cublas.k_mm(dpre, x_rows, bounds), 2 * gemm)),
+            ("gate_up grad_w (CUTLASS)", (lambda: cutlass.k_grouped_mm(dpre, x_rows, offsets), 2 * gemm)),
+        ),
         "  alt gate_up grad_w (Triton TMA)": (lambda: weight_grad(dpre, x_rows, offsets, grad_w_gate_up), 2 * gemm),
         "  alt gate_up grad_w (Triton, gather on load)": (lambda: weight_grad(dpre, x, offsets, grad_w_gate_up, right_rows=rows), 2 * gemm),
     }  # fmt: skip

@@ -37,6 +37,8 @@ CASES = {
     # the Hopper bf16 composition (torch._grouped_mm, here its CPU implementation, + gather/combine/mlp_grad_rows)
     "bf16-silu-cutlass-unrouted-transposed": Case(37, 48, 40, 5, 2, dtype=torch.bfloat16, unrouted=3, transposed_weights=True),
     "bf16-relu-cutlass-ungated-one-group": Case(40, 32, 24, 4, 1, dtype=torch.bfloat16, activation="relu", gated=False, hot=1),
+    # few large experts: CUTLASS and one cuBLAS mm per expert (here torch.mm on CPU); expert 0 empty
+    "bf16-silu-cublas-skewed-unrouted": Case(37, 48, 40, 5, 2, dtype=torch.bfloat16, hot=2, unrouted=3),
 }  # fmt: skip
 
 # fp32 products are exact; half precision pays the interpreter's truncating rounding (see above).
@@ -76,6 +78,29 @@ def test_row_kernels(name, interpreter_errors):
     errors = interpreter_errors[name]
     bad = {k: v for k, v in errors.items() if not v <= TOLERANCE[torch.float32]}
     assert len(errors) >= 2 and not bad, errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cublas_per_expert_products(dtype):
+    """The per-expert mm products (plain torch, so in this process) against float64 per group: an empty group,
+    odd sizes, unrouted rows past offsets[-1] (zero in the row product, left out of the weight gradient)."""
+    from prmc.kernels import cublas
+    from prmc.kernels.check import random_routing, rel_err
+
+    order, _, offsets = random_routing(31, 5, 2, "cpu", hot=2, unrouted=3, seed=1)
+    m, bounds = order.shape[0], cublas.group_bounds(offsets)
+    assert bounds[1] == 0 and bounds[-1] == m - 3  # expert 0 empty, 3 rows unrouted
+    a, left, b = torch.randn(m, 37, dtype=dtype), torch.randn(m, 19, dtype=dtype), torch.randn(5, 37, 23, dtype=dtype)
+    rows = cublas.row_mm(a, b.transpose(1, 2).contiguous().transpose(1, 2), bounds)  # b as a transposed view
+    grad = cublas.k_mm(left, a, bounds)
+    want_rows, want_grad = torch.zeros(m, 23, dtype=torch.float64), torch.zeros(5, 19, 37, dtype=torch.float64)
+    for e in range(5):
+        s, t = bounds[e], bounds[e + 1]
+        want_rows[s:t] = a[s:t].double() @ b[e].double()
+        want_grad[e] = left[s:t].double().t() @ a[s:t].double()
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(rows, want_rows) < tolerance and rel_err(grad, want_grad) < tolerance
+    assert torch.equal(rows[bounds[-1] :], torch.zeros(3, 23, dtype=dtype)) and not grad[0].any()
 
 
 def check_gather_rows() -> dict[str, float]:
@@ -243,16 +268,22 @@ EXTRA_CHECKS = {
 def run_case(name: str) -> dict[str, float]:
     if name in EXTRA_CHECKS:
         return EXTRA_CHECKS[name]()
-    if "cutlass" not in name:
+    if "cutlass" not in name and "cublas" not in name:
         return check_case(CASES[name], "cpu")
-    from prmc.kernels import cutlass
+    from prmc.kernels import cublas, cutlass
 
-    takes = cutlass.takes
+    saved = cutlass.takes, cublas.takes, cublas.row_mm, cublas.k_mm
     cutlass.takes = lambda *tensors: all(t.dtype == torch.bfloat16 and t.numel() for t in tensors)
+    cublas.takes = lambda offsets, rows, *tensors: "cublas" in name and cutlass.takes(*tensors)
+    ran = []  # the cuBLAS products that ran: the case must reach them
+    cublas.row_mm = lambda *args: ran.append("row_mm") or saved[2](*args)
+    cublas.k_mm = lambda *args: ran.append("k_mm") or saved[3](*args)
     try:
-        return check_case(CASES[name], "cpu")
+        errors = check_case(CASES[name], "cpu")
     finally:
-        cutlass.takes = takes
+        cutlass.takes, cublas.takes, cublas.row_mm, cublas.k_mm = saved
+    assert ("cublas" in name) == ({"row_mm", "k_mm"} <= set(ran)), (name, ran)
+    return errors
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ whose epilogues can grow), and ``row_grouped_mm`` is the alternative ``benchmark
 times beside it.
 
 Outside the CUTLASS case (fp16, fp32, other GPUs, the interpreter, layouts CUTLASS rejects) the Triton
-kernels run.
+kernels run. In layers of a few large experts gate_up's weight gradient goes to cuBLAS, one mm per expert
+(:mod:`prmc.kernels.cublas`).
 """
 
 from __future__ import annotations

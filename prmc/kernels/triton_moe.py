@@ -19,7 +19,8 @@ experts_backward      g = grad_out[rows] @ W_down per routed row ("store" on gat
                       recomputed from preact); grad_W_down = grad_out[rows].T @ (scale * h) (weight grad, on
                       the same copy); grad_x = combine_rows("store": d preact @ W_gate_up);
                       grad_W_gate_up = d preact.T @ x[rows] (weight grad, on gather_rows' copy where TMA reads
-                      it, else gathering on load)
+                      it, else gathering on load). With a few large experts (cublas.takes: Mixtral-class,
+                      Hopper, bf16) grad_x's product and grad_W_gate_up are one cuBLAS mm per expert
 ====================  =======================================================================================
 
 Inputs outside what the kernels take (fp64, mixed dtypes, indices not int64/int32) fall back to the
@@ -31,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from prmc.kernels import cutlass, reference
+from prmc.kernels import cublas, cutlass, reference
 from prmc.kernels._triton_common import KERNEL_DTYPES, tma_reads
 from prmc.kernels.combine import combine_rows
 from prmc.kernels.gather_rows import gather_rows
@@ -56,10 +57,13 @@ def _routed_rows(t: Tensor, rows: Tensor) -> tuple[Tensor, Tensor | None]:
     return t, rows
 
 
-def _per_row_product(a: Tensor, offsets: Tensor, b: Tensor) -> Tensor:
+def _per_row_product(a: Tensor, offsets: Tensor, b: Tensor, bounds: list[int] | None = None) -> Tensor:
     """``a[r] @ b[e(r)]`` for every routed row r: [M, N] (rows past ``offsets[-1]`` zero). On Hopper the Triton
     kernel reads both operands through TMA, within 2% of CUTLASS or faster on every such product measured
-    (benchmarks/KERNELS_NOTES.md, v7); elsewhere it is the same kernel on pointer loads."""
+    (benchmarks/KERNELS_NOTES.md, v7); elsewhere it is the same kernel on pointer loads. ``bounds`` (the group
+    bounds on the host): one cuBLAS mm per expert instead (prmc.kernels.cublas)."""
+    if bounds is not None:
+        return cublas.row_mm(a, b, bounds)
     c = a.new_empty(a.shape[0], b.shape[2])
     grouped_gemm("store", a, offsets, b, c, n=b.shape[2])
     return c
@@ -67,13 +71,17 @@ def _per_row_product(a: Tensor, offsets: Tensor, b: Tensor) -> Tensor:
 
 def _weight_grad(
     left: Tensor, right: Tensor, offsets: Tensor, shape: torch.Size, *, left_rows: Tensor | None = None,
-    right_rows: Tensor | None = None,
+    right_rows: Tensor | None = None, bounds: list[int] | None = None,
 ) -> Tensor:
     """``out[e] = left[left_rows][g_e].T @ right[right_rows][g_e]``, [E, P, Q] = ``shape``. CUTLASS where it takes
     the (gathered) operands: at the layer's sizes it ran 6-20% faster than the Triton kernel through TMA (H200,
-    bf16, benchmarks/KERNELS_NOTES.md, v8)."""
-    if left_rows is None and right_rows is None and cutlass.takes(left, right):
-        return cutlass.k_grouped_mm(left, right, offsets)
+    bf16, benchmarks/KERNELS_NOTES.md, v8). ``bounds`` (the group bounds on the host): one cuBLAS mm per expert
+    instead, on gathered operands (prmc.kernels.cublas)."""
+    if left_rows is None and right_rows is None:
+        if bounds is not None:
+            return cublas.k_mm(left, right, bounds)
+        if cutlass.takes(left, right):
+            return cutlass.k_grouped_mm(left, right, offsets)
     out = left.new_empty(shape)
     weight_grad(left, right, offsets, out, left_rows=left_rows, right_rows=right_rows)
     return out
@@ -142,11 +150,13 @@ def experts_backward(
         dpre += grad_preact
     grad_w_down = _weight_grad(grad_out_rows, hs, offsets, w_down.shape, left_rows=grad_out_index)
     del grad_out_rows, hs
-    # Gate/up projection, from d preact.
-    grad_x = combine_rows(_per_row_product(dpre, offsets, w_gate_up), inverse, top_k, offsets)
+    # Gate/up projection, from d preact. NOTE: host sync where cuBLAS runs the two products (few large experts),
+    # queued after the down projection's gradients so that the GPU has those to run while the host waits.
+    bounds = cublas.group_bounds(offsets) if cublas.takes(offsets, rows.shape[0], dpre, x, w_gate_up) else None
+    grad_x = combine_rows(_per_row_product(dpre, offsets, w_gate_up, bounds), inverse, top_k, offsets)
     # x[rows] is gathered again rather than kept from the forward (that would hold T*k*H more memory).
     x_rows, x_index = _routed_rows(x, rows)
-    grad_w_gate_up = _weight_grad(dpre, x_rows, offsets, w_gate_up.shape, right_rows=x_index)
+    grad_w_gate_up = _weight_grad(dpre, x_rows, offsets, w_gate_up.shape, right_rows=x_index, bounds=bounds)
     return grad_x, grad_w_gate_up, grad_w_down, grad_scale if scale is not None else x.new_empty(0)
 
 

@@ -1,0 +1,70 @@
+"""cuBLAS, one ``torch.mm`` per expert, for the two products where a few large experts make it the fastest.
+
+With few experts, each holding thousands of rows (Mixtral 8x7B: 8 experts, ~2048 rows each at 8192 tokens and
+top-2), every expert's product is a large dense GEMM. There cuBLAS ran two of the layer's six products faster
+than both CUTLASS's grouped kernel and ours (H200, bf16, ms, two timings each, benchmarks/results/
+cublas_per_expert_probe_v9.log; benchmarks/KERNELS_NOTES.md, v9):
+
+==================  ==================  ===================================
+product             cuBLAS per expert   grouped (what runs otherwise)
+==================  ==================  ===================================
+gate_up grad_w      6.06 / 6.25         6.47 / 6.41 (CUTLASS K-grouped)
+gate_up grad_x      5.91 / 5.71         6.23 / 5.95 (Triton, through TMA)
+down grad_w         2.97 / 3.23         2.93 / 2.94 (CUTLASS): kept
+down fwd, grad_h    2.84-3.01           2.93-3.00 (Triton): kept, a tie
+==================  ==================  ===================================
+
+With many small experts the loop of launches loses by far: Qwen3-30B-A3B's (128 experts x ~512 rows) weight
+gradients took 2.5-3.5 ms against CUTLASS's 0.42-0.84, DeepSeek-V2-Lite's (64 x ~768) 1.21-1.29 against
+0.55-1.01. Hence the rule in :func:`takes`.
+
+NOTE: host sync. The loop needs the group bounds on the host (``offsets.tolist()``): the CPU waits until the
+GPU has run the work queued so far, then queues the products, so the GPU idles for about one launch. Under
+CUDA graph capture, where a sync is not allowed, the grouped kernels run instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from prmc.kernels import cutlass
+
+# Mixtral-class layers (measured: 8 experts of ~2048 rows); DeepSeek-V2-Lite (64 x ~768) measured slower.
+MAX_GROUPS = 16
+MIN_ROWS_PER_GROUP = 1024
+
+
+def takes(offsets: Tensor, rows: int, *tensors: Tensor) -> bool:
+    """Whether the layer's gate_up grad_w and grad_x go to cuBLAS: few groups of many rows on average, the
+    operands CUTLASS would take (Hopper, bf16: where it was measured), and no CUDA graph being captured."""
+    groups = offsets.shape[0]
+    return (
+        groups <= MAX_GROUPS
+        and rows >= MIN_ROWS_PER_GROUP * groups
+        and cutlass.takes(*tensors)
+        and not torch.cuda.is_current_stream_capturing()
+    )
+
+
+def group_bounds(offsets: Tensor) -> list[int]:
+    """``[0, end_0, ..., end_{E-1}]`` on the host. NOTE: host sync (see the module's docstring)."""
+    return [0, *offsets.tolist()]
+
+
+def row_mm(a: Tensor, b: Tensor, bounds: list[int]) -> Tensor:
+    """``a[r] @ b[e(r)]``: a [M, K], b [E, K, N] (any strides) -> [M, N]; rows past ``bounds[-1]`` zero."""
+    out = a.new_empty(a.shape[0], b.shape[2])
+    for e in range(b.shape[0]):
+        torch.mm(a[bounds[e] : bounds[e + 1]], b[e], out=out[bounds[e] : bounds[e + 1]])
+    out[bounds[-1] :].zero_()
+    return out
+
+
+def k_mm(left: Tensor, right: Tensor, bounds: list[int]) -> Tensor:
+    """``out[e] = left[g_e].T @ right[g_e]`` over each group's rows g_e: left [M, P], right [M, Q] -> [E, P, Q]
+    (an empty group gives zeros)."""
+    out = left.new_empty(len(bounds) - 1, left.shape[1], right.shape[1])
+    for e in range(out.shape[0]):
+        torch.mm(left[bounds[e] : bounds[e + 1]].t(), right[bounds[e] : bounds[e + 1]], out=out[e])
+    return out
