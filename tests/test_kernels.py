@@ -20,6 +20,7 @@ import sys
 import pytest
 import torch
 
+from prmc.kernels import reference
 from prmc.kernels.check import Case, check_case
 
 pytest.importorskip("triton")
@@ -80,6 +81,22 @@ def test_row_kernels(name, interpreter_errors):
     assert len(errors) >= 2 and not bad, errors
 
 
+def _row_products(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``a[r] @ b[e(r)]`` per group in float64; rows past offsets[-1] zero."""
+    out = torch.zeros(a.shape[0], b.shape[2], dtype=torch.float64)
+    for e, (s, t) in enumerate(reference.group_bounds(offsets)):
+        out[s:t] = a[s:t].double() @ b[e].double()
+    return out
+
+
+def _k_products(left: torch.Tensor, right: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``left[g_e].T @ right[g_e]`` per group g_e in float64: [E, P, Q]."""
+    out = torch.zeros(offsets.shape[0], left.shape[1], right.shape[1], dtype=torch.float64)
+    for e, (s, t) in enumerate(reference.group_bounds(offsets)):
+        out[e] = left[s:t].double().t() @ right[s:t].double()
+    return out
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cublas_per_expert_products(dtype):
     """The per-expert mm products (plain torch, so in this process) against float64 per group: an empty group,
@@ -93,11 +110,7 @@ def test_cublas_per_expert_products(dtype):
     a, left, b = torch.randn(m, 37, dtype=dtype), torch.randn(m, 19, dtype=dtype), torch.randn(5, 37, 23, dtype=dtype)
     rows = cublas.row_mm(a, b.transpose(1, 2).contiguous().transpose(1, 2), bounds)  # b as a transposed view
     grad = cublas.k_mm(left, a, bounds)
-    want_rows, want_grad = torch.zeros(m, 23, dtype=torch.float64), torch.zeros(5, 19, 37, dtype=torch.float64)
-    for e in range(5):
-        s, t = bounds[e], bounds[e + 1]
-        want_rows[s:t] = a[s:t].double() @ b[e].double()
-        want_grad[e] = left[s:t].double().t() @ a[s:t].double()
+    want_rows, want_grad = _row_products(a, b, offsets), _k_products(left, a, offsets)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     assert rel_err(rows, want_rows) < tolerance and rel_err(grad, want_grad) < tolerance
     assert torch.equal(rows[bounds[-1] :], torch.zeros(3, 23, dtype=dtype)) and not grad[0].any()
@@ -182,7 +195,6 @@ def check_grouped_gemm_loads() -> dict[str, float]:
     product: the gate_up product on pre-gathered rows and gathering on load, the store product with
     K-contiguous and N-contiguous weights, with an empty group and unrouted rows; and descriptors refused
     where TMA cannot read (a stride that is not a multiple of 16 bytes)."""
-    from prmc.kernels import reference
     from prmc.kernels.check import random_routing, rel_err
     from prmc.kernels._triton_common import tma_reads
     from prmc.kernels.grouped_gemm import grouped_gemm
@@ -190,12 +202,6 @@ def check_grouped_gemm_loads() -> dict[str, float]:
     tokens, hidden, inter, experts, top_k = 29, 48, 40, 5, 2
     order, _, offsets = random_routing(tokens, experts, top_k, "cpu", hot=2, unrouted=3)
     rows, m = order // top_k, order.shape[0]
-
-    def product(a, b):  # a[r] @ b[e(r)] in float64; rows past offsets[-1] zero
-        out = torch.zeros(m, b.shape[2], dtype=torch.float64)
-        for e, (s, t) in enumerate(reference.group_bounds(offsets)):
-            out[s:t] = a[s:t].double() @ b[e].double()
-        return out
 
     # the hot experts' groups hold the same tokens in the same order, so the pre-gathered A is not x[rows]:
     # a load from the wrong group would go unseen
@@ -207,14 +213,14 @@ def check_grouped_gemm_loads() -> dict[str, float]:
         for name, a, a_rows, a_ref in [("pre-gathered", a_sorted, None, a_sorted), ("gather on load", x, rows, x[rows])]:
             preact, h = torch.empty(m, 2 * inter), torch.empty(m, inter)
             grouped_gemm("gate_up", a, offsets, w_gate_up.transpose(1, 2), preact, n=inter, a_rows=a_rows, h=h, gated=True, tma=tma)
-            preact_ref = product(a_ref, w_gate_up.transpose(1, 2))
+            preact_ref = _row_products(a_ref, w_gate_up.transpose(1, 2), offsets)
             errors[f"gate_up {name}, tma={tma}"] = rel_err(preact, preact_ref)
             errors[f"gate_up {name} h, tma={tma}"] = rel_err(h, reference.activate(preact_ref, "silu", True))
         for name, b in [("K-contiguous weight", w_down.transpose(1, 2)), ("N-contiguous weight", w_down)]:
             a = torch.randn(m, b.shape[1])
             c = torch.empty(m, b.shape[2])
             grouped_gemm("store", a, offsets, b, c, n=b.shape[2], tma=tma)
-            errors[f"store {name}, tma={tma}"] = rel_err(c, product(a, b))
+            errors[f"store {name}, tma={tma}"] = rel_err(c, _row_products(a, b, offsets))
     errors["descriptors where aligned"] = float(not tma_reads(x))
     errors["no descriptor for a 132-byte stride"] = float(tma_reads(torch.randn(7, 33)))
     return errors
@@ -224,7 +230,6 @@ def check_weight_grad_loads() -> dict[str, float]:
     """The weight gradient reading through device-side TMA descriptors (one per group, bounded by its end) and
     through pointers, each against the float64 product per group: sorted operands, either one gathered on
     load, an empty group, unrouted rows past offsets[-1], and a layout TMA cannot read (pointer fallback)."""
-    from prmc.kernels import reference
     from prmc.kernels.check import random_routing, rel_err
     from prmc.kernels.weight_grad import weight_grad
 
@@ -234,12 +239,6 @@ def check_weight_grad_loads() -> dict[str, float]:
 
     # A row past a group's end changes a sum only where both operands hold it (TMA zero-fills each one past
     # the group's end); random rows in both make any such row show.
-    def expected(left, right):
-        out = torch.zeros(experts, left.shape[1], right.shape[1], dtype=torch.float64)
-        for e, (s, t) in enumerate(reference.group_bounds(offsets)):
-            out[e] = left[s:t].double().t() @ right[s:t].double()
-        return out
-
     left, right, x = torch.randn(m, p), torch.randn(m, q), torch.randn(tokens, q)
     unaligned = torch.randn(m, q + 1)[:, :q]  # a 164-byte row stride: no descriptor
     errors = {}
@@ -252,7 +251,7 @@ def check_weight_grad_loads() -> dict[str, float]:
         ]:
             out = torch.full((experts, *(a.shape[1] for a in args)), float("nan"))
             weight_grad(*args, offsets, out, tma=tma, **kwargs)
-            errors[f"{name}, tma={tma}"] = rel_err(out, expected(*ref))
+            errors[f"{name}, tma={tma}"] = rel_err(out, _k_products(*ref, offsets))
     return errors
 
 

@@ -61,9 +61,15 @@ def gemm_configs(block_m: str, block_n: str, widest_n: bool = True, pre_hook=Non
 
 
 @functools.cache
+def capability(device: torch.device) -> tuple[int, int] | None:
+    """The CUDA device's compute capability, looked up once per device (the launchers ask on every call);
+    None off CUDA."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
 def _has_tma(device: torch.device) -> bool:
     """Hopper-class GPUs (sm90 on) have TMA; the interpreter emulates descriptors."""
-    return INTERPRET or (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0))
+    return INTERPRET or (capability(device) or (0, 0)) >= (9, 0)
 
 
 def tma_reads(t: torch.Tensor) -> bool:

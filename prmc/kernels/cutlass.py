@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from prmc.kernels._triton_common import INTERPRET
+from prmc.kernels._triton_common import INTERPRET, capability
 
 
 def _cutlass_layout(t: torch.Tensor) -> bool:
@@ -39,7 +39,7 @@ def takes(*tensors: torch.Tensor) -> bool:
         and all(t.numel() for t in tensors)
         and hasattr(torch, "_grouped_mm")
         and all(t.dtype == torch.bfloat16 for t in tensors)
-        and torch.cuda.get_device_capability(first.device) == (9, 0)
+        and capability(first.device) == (9, 0)
         and all(_cutlass_layout(t) for t in tensors)
     )
 
