@@ -1,4 +1,4 @@
-"""Full-size GPU check of the Triton kernels against the reference (float64), and of the registered ops.
+"""Full-size GPU check of the Triton and Gluon kernels against the reference (float64), and of the registered ops.
 
     PYTHONPATH=. python benchmarks/check_kernels_gpu.py
 
@@ -15,7 +15,7 @@ import time
 import torch
 
 import prmc  # noqa: F401  (registers torch.ops.prmc.* and their CUDA kernels)
-from prmc.kernels import reference
+from prmc.kernels import gluon_gemm, reference
 from prmc.kernels.check import Case, check_case, rel_err
 
 # bf16 operands: the reference op itself, run in bf16, lands near 3e-3 (preact and h are rounded).
@@ -75,21 +75,37 @@ def check_sort_by_expert() -> list[str]:
     return failed
 
 
+def expects_gluon(case: Case) -> bool:
+    """Whether the down projection's forward and grad_h products must take the Gluon kernel (gluon_gemm.takes):
+    on Hopper, 16-bit, the hidden size a multiple of its 256-wide tile, weights in their usual layout."""
+    hopper = torch.cuda.get_device_capability() == (9, 0) and gluon_gemm.gluon is not None
+    return hopper and case.dtype != torch.float32 and case.hidden % 256 == 0 and not case.transposed_weights
+
+
 def main(only: list[str]) -> int:
     """``only``: run just the cases whose names contain one of these strings (all when empty)."""
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     failed = []
+    launch = gluon_gemm.grouped_gemm
     for name, case in CASES.items():
         if only and not any(part in name for part in only):
             continue
         start = time.perf_counter()
-        errors = check_case(case, "cuda")
+        ran = []  # the Gluon products of the case
+        gluon_gemm.grouped_gemm = lambda *args: ran.append(1) or launch(*args)
+        try:
+            errors = check_case(case, "cuda")
+        finally:
+            gluon_gemm.grouped_gemm = launch
         worst = max(errors, key=errors.get)
         bad = {k: v for k, v in errors.items() if not v <= TOLERANCE[case.dtype]}
+        if expects_gluon(case) and len(ran) < 4:  # down fwd and grad_h, in the scaled and the unscaled pass
+            bad["gluon products"] = len(ran)
         failed += [f"{name}: {k}" for k in bad]
         status = "ok" if not bad else f"FAIL {bad}"
-        print(f"{name:42s} worst {worst} {errors[worst]:.2e} ({time.perf_counter() - start:.1f} s) {status}")
+        print(f"{name:42s} worst {worst} {errors[worst]:.2e} ({time.perf_counter() - start:.1f} s, "
+              f"{len(ran)} Gluon products) {status}")  # fmt: skip
     failed += check_sort_by_expert()
     errors = check_ops_autograd()
     bad = {k: v for k, v in errors.items() if not v <= TOLERANCE[torch.bfloat16]}

@@ -13,7 +13,9 @@ timed: it is the model's own code either way) and the same expert weights [E, 2I
 - cuBLAS bmm ceiling:   ``torch.bmm`` on a perfectly balanced batch of the same FLOPs (T*K/E rows each),
                         with the gated product between the two GEMMs; no routing, gather or combine.
 
-Times are ``triton.testing.do_bench`` medians. fwd+bwd runs backward to x and both weights (and the
+Times are ``triton.testing.do_bench`` medians, each method and mode timed once per round over ``--rounds``
+rounds (3), the table giving the median of the rounds, the speed-up's range over them and the SM clock
+sampled during each of prmc's timings (the H200 runs at its power cap: the clock moves). fwd+bwd runs backward to x and both weights (and the
 routing weights where the method has them as an input), with ``.grad`` set to None before each step, as
 ``optimizer.zero_grad()`` does. TFLOP/s counts the expert GEMMs only: 6*T*K*H*I forward, 3x that for
 fwd+bwd. Peak memory is the most allocated during one step beyond what was allocated before it.
@@ -72,9 +74,49 @@ def balanced_bmm(x_balanced, w_gate_up, w_down):
     return torch.bmm(torch.nn.functional.silu(gate) * up, w_down.transpose(1, 2))
 
 
-def measure(fn, params, grad_out, backward: bool, quick: bool):
-    """(median ms, peak extra GB) of fn() or fn().backward(grad_out)."""
-    import triton
+class SMClock:
+    """Samples the GPU's SM clock (MHz) every 10 ms while a timing runs, through NVML (``pynvml``, which
+    ``torch.cuda.clock_rate`` uses too); ``median`` is None where NVML is missing. Under the H200's power cap
+    the clock moves during a run, so each timing carries the clock it ran at."""
+
+    def __init__(self, device):
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._read = lambda: pynvml.nvmlDeviceGetClockInfo(
+                pynvml.nvmlDeviceGetHandleByIndex(device.index or 0), pynvml.NVML_CLOCK_SM
+            )
+        except Exception:  # no NVML: timings without clocks
+            self._read = None
+        self.samples = []
+
+    def __enter__(self):
+        import threading
+
+        self.samples, self._stop = [], threading.Event()
+        if self._read is not None:
+            def poll():
+                while not self._stop.wait(0.01):
+                    self.samples.append(self._read())
+
+            self._thread = threading.Thread(target=poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._read is not None:
+            self._thread.join()
+
+    @property
+    def median(self):
+        return sorted(self.samples)[len(self.samples) // 2] if self.samples else None
+
+
+def prepare(fn, params, grad_out, backward: bool):
+    """(step, peak extra GB): one step of fn() or fn().backward(grad_out), run once to compile and autotune
+    and once more for the memory peak."""
 
     def step():
         for p in params:
@@ -89,15 +131,22 @@ def measure(fn, params, grad_out, backward: bool, quick: bool):
     base = torch.cuda.memory_allocated()
     step()
     torch.cuda.synchronize()
-    peak_gb = (torch.cuda.max_memory_allocated() - base) / 1e9
+    return step, (torch.cuda.max_memory_allocated() - base) / 1e9
+
+
+def time_step(step, clock: SMClock, quick: bool):
+    """(median ms, median SM MHz) of ``step``."""
+    import triton
+
     # Half a second of steps before the timing: after the autotuner's or the compiler's work the H200's clocks
     # under its power cap take a while to settle (the same Mixtral forward read 10.39 then 9.37 ms in two
     # do_bench calls with 25 ms of warm-up, benchmarks/results/mixtral_fwd_profile_v9.log).
-    ms = triton.testing.do_bench(step, warmup=5 if quick else 500, rep=20 if quick else 100, return_mode="median")
-    return ms, peak_gb
+    with clock:
+        ms = triton.testing.do_bench(step, warmup=5 if quick else 500, rep=20 if quick else 100, return_mode="median")
+    return ms, clock.median
 
 
-def bench_config(name, tokens, device):
+def bench_config(name, tokens, device, rounds):
     hidden, inter, experts, top_k, hot = CONFIGS[name]
     gemm_flops = 6 * tokens * top_k * hidden * inter
     torch.manual_seed(0)
@@ -123,19 +172,36 @@ def bench_config(name, tokens, device):
         "tf eager loop": (lambda: tf_eager(x, ids, weights), [x, weights, w_gate_up, w_down], grad_out),
         "cuBLAS bmm ceiling": (lambda: balanced_bmm(x_balanced, w_gate_up, w_down), [x_balanced, w_gate_up, w_down], grad_balanced),
     }  # fmt: skip
-    results = {}
+    # Each method and mode is timed once per round, the rounds one after another, so that a change of clocks
+    # during the run reaches every method alike; the table gives the median over the rounds (the eager loop,
+    # 10-250 ms a step, is timed in the first round only).
+    steps, results = {}, {}
     for method, (fn, params, g) in runs.items():
         for mode, backward in [("fwd", False), ("fwd+bwd", True)]:
-            start = time.perf_counter()
             try:
-                ms, peak = measure(fn, params, g, backward, quick=method == "tf eager loop")
+                step, peak = prepare(fn, params, g, backward)
             except Exception as err:  # a failing baseline is reported, not fatal
                 print(f"  {name} {method} {mode}: {type(err).__name__}: {err}", file=sys.stderr)
                 continue
-            flops = gemm_flops * (3 if backward else 1)
-            results[f"{method}|{mode}"] = {"ms": ms, "tflops": flops / ms / 1e9, "peak_gb": peak}
-            print(f"  {name:22s} {method:24s} {mode:8s} {ms:8.3f} ms {flops / ms / 1e9:6.0f} TFLOP/s "
-                  f"{peak:6.2f} GB  ({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+            steps[method, mode] = step
+            results[f"{method}|{mode}"] = {"peak_gb": peak, "ms_rounds": [], "mhz_rounds": []}
+    clock = SMClock(device)
+    for round_ in range(rounds):
+        for (method, mode), step in steps.items():
+            quick = method == "tf eager loop"
+            if quick and round_ > 0:
+                continue
+            ms, mhz = time_step(step, clock, quick)
+            r = results[f"{method}|{mode}"]
+            r["ms_rounds"].append(ms)
+            r["mhz_rounds"].append(mhz)
+            flops = gemm_flops * (3 if mode == "fwd+bwd" else 1)
+            print(f"  {name:22s} {method:24s} {mode:8s} round {round_}: {ms:8.3f} ms {flops / ms / 1e9:6.0f} TFLOP/s "
+                  f"{r['peak_gb']:6.2f} GB  SM {mhz} MHz", flush=True)  # fmt: skip
+    for key, r in results.items():
+        flops = gemm_flops * (3 if key.endswith("fwd+bwd") else 1)
+        r["ms"] = sorted(r["ms_rounds"])[len(r["ms_rounds"]) // 2]
+        r["tflops"] = flops / r["ms"] / 1e9
     return results
 
 
@@ -297,17 +363,28 @@ def profile(name, tokens, device) -> None:
           f"{len(kernels) // steps} kernels per step", flush=True)
 
 
+def _speedups(prmc, tf) -> str:
+    """The speed-up of the medians, and its range over the rounds (each round's tf time over prmc's)."""
+    text = f"{tf['ms'] / prmc['ms']:.2f}x"
+    rounds = [t / p for t, p in zip(tf.get("ms_rounds", []), prmc.get("ms_rounds", []))]
+    return text + (f" ({min(rounds):.2f}-{max(rounds):.2f})" if len(rounds) > 1 else "")
+
+
 def table(data) -> str:
+    rounds = data.get("rounds", 1)
     lines = [
         f"# One MoE layer (experts only), bf16, {data['tokens']} tokens",
         "",
         f"{data['device']}; torch {data['torch']}, triton {data['triton']}, transformers {data['transformers']}. "
-        "do_bench median ms / TFLOP/s (expert GEMM FLOPs) / peak extra memory GB.",
+        f"do_bench median ms (the median over {rounds} rounds; the eager loop: one) / TFLOP/s (expert GEMM FLOPs) / "
+        "peak extra memory GB. Speed-up: of the medians, and (in brackets) its range over the rounds. "
+        "SM MHz: the median clock during each of prmc's rounds.",
         "",
     ]
     for mode in ["fwd", "fwd+bwd"]:
-        lines += [f"## {mode}", "", "| config (H, I, E, k) | " + " | ".join(METHODS) + " | prmc speed-up vs tf grouped_mm | prmc / ceiling TFLOP/s |"]
-        lines.append("|---" * (len(METHODS) + 3) + "|")
+        header = " | ".join(METHODS) + " | prmc speed-up vs tf grouped_mm | prmc / ceiling TFLOP/s | SM MHz |"
+        lines += [f"## {mode}", "", "| config (H, I, E, k) | " + header]
+        lines.append("|---" * (len(METHODS) + 4) + "|")
         for name, res in data["results"].items():
             hidden, inter, experts, top_k, hot = CONFIGS[name]
             cells = []
@@ -315,10 +392,11 @@ def table(data) -> str:
                 r = res.get(f"{method}|{mode}")
                 cells.append(f"{r['ms']:.2f} ms / {r['tflops']:.0f} / {r['peak_gb']:.2f} GB" if r else "n/a")
             prmc, tf, ceil = (res.get(f"{m}|{mode}") for m in ("prmc", "tf grouped_mm+Inductor", "cuBLAS bmm ceiling"))
-            speedup = f"{tf['ms'] / prmc['ms']:.2f}x" if prmc and tf else "n/a"
+            speedup = _speedups(prmc, tf) if prmc and tf else "n/a"
             frac = f"{prmc['tflops'] / ceil['tflops']:.0%}" if prmc and ceil else "n/a"
+            clocks = "/".join(str(c) for c in prmc.get("mhz_rounds", []) if c) if prmc else ""
             label = f"{name} ({hidden}, {inter}, {experts}, {top_k}{', ' + str(hot) + ' hot' if hot else ''})"
-            lines.append(f"| {label} | " + " | ".join(cells) + f" | {speedup} | {frac} |")
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {speedup} | {frac} | {clocks or 'n/a'} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -364,6 +442,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--rounds", type=int, default=3, help="timings of each method and mode (median taken)")
     parser.add_argument("--plot", help="rewrite the table and plot from a saved moe_layer.json")
     parser.add_argument("--breakdown", action="store_true", help="time each prmc kernel on its own instead")
     parser.add_argument("--profile", action="store_true", help="profile one prmc fwd+bwd step instead")
@@ -390,10 +469,11 @@ def main() -> None:
         "triton": triton.__version__,
         "transformers": transformers.__version__,
         "tokens": args.tokens,
+        "rounds": args.rounds,
         "results": {},
     }
     for name in args.configs.split(","):
-        data["results"][name] = bench_config(name, args.tokens, device)
+        data["results"][name] = bench_config(name, args.tokens, device, args.rounds)
         torch._dynamo.reset()  # each config compiles afresh, as a new model would
         torch.cuda.empty_cache()
         with open(os.path.join(args.out, "moe_layer.partial.json"), "w") as f:  # survives a time-out

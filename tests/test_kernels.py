@@ -116,6 +116,38 @@ def test_cublas_per_expert_products(dtype):
     assert torch.equal(rows[bounds[-1] :], torch.zeros(3, 23, dtype=dtype)) and not grad[0].any()
 
 
+
+@pytest.mark.parametrize("k_contig", [True, False], ids=["weight-K-contiguous", "weight-N-contiguous"])
+def test_gluon_gemm_compiles_for_hopper(k_contig):
+    """The Gluon kernel runs only on Hopper, and Gluon has no interpreter, so its numbers are checked on the GPU
+    (benchmarks/check_kernels_gpu.py). Here it is compiled for sm90a with the installed Triton: a Gluon API
+    change fails in CI, not on a user's GPU. Its PTX must hold the wgmma products and the TMA copies, and its
+    shared memory must fit a Hopper multiprocessor."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from prmc.kernels import gluon_gemm as gg
+
+    if gg.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    def descriptor(block):
+        layout = gg.gl.NVMMASharedLayout.get_default_for(block, gg.gl.bfloat16)
+        return f"tensordesc<bf16[{block[0]}, {block[1]}],{layout!r}>"
+
+    b_block = [gg.BLOCK_N, gg.BLOCK_K] if k_contig else [gg.BLOCK_K, gg.BLOCK_N]
+    constants = dict(K_CONTIG=k_contig, STAGES=gg.STAGES, GROUP=gg.GROUP, num_warps=gg.NUM_WARPS)
+    signature = dict(
+        a_desc=descriptor([gg.BLOCK_M, gg.BLOCK_K]), b_desc=descriptor(b_block), c_desc=descriptor([gg.BLOCK_M, gg.BLOCK_N]),
+        c_ptr="*bf16", stride_cm="i32", offsets_ptr="*i32", M="i32", N="i32", K="i32", E="i32",
+        **{name: "constexpr" for name in constants},
+    )  # fmt: skip
+    source = GluonASTSource(gg.grouped_gemm_kernel, signature, constants)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=gg.NUM_WARPS))
+    assert "wgmma.mma_async" in kernel.asm["ptx"] and "cp.async.bulk.tensor" in kernel.asm["ptx"]
+    assert kernel.metadata.shared <= 232448  # bytes of shared memory a Hopper block may have
+
 def check_gather_rows() -> dict[str, float]:
     from prmc.kernels.check import rel_err
     from prmc.kernels.gather_rows import gather_rows

@@ -6,6 +6,7 @@ tensors with ``TRITON_INTERPRET=1``.
 
 ====================  =======================================================================================
 op                    kernels ("store"/"gate_up": grouped_gemm, through TMA where the GPU and layouts allow;
+                      "store" runs the Gluon gluon_gemm instead where gluon_gemm.takes (Hopper, bf16/fp16);
                       "weight grad": CUTLASS's ``torch._grouped_mm`` where cutlass.takes (Hopper, bf16), else
                       the Triton weight_grad, through TMA where it can)
 ====================  =======================================================================================
@@ -32,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from prmc.kernels import cublas, cutlass, reference
+from prmc.kernels import cublas, cutlass, gluon_gemm, reference
 from prmc.kernels._triton_common import KERNEL_DTYPES, tma_reads
 from prmc.kernels.combine import combine_rows
 from prmc.kernels.gather_rows import gather_rows
@@ -57,15 +58,24 @@ def _routed_rows(t: Tensor, rows: Tensor) -> tuple[Tensor, Tensor | None]:
     return t, rows
 
 
+def _store_product(a: Tensor, offsets: Tensor, b: Tensor, c: Tensor, a_rows: Tensor | None = None) -> None:
+    """``c[r] = a[a_rows[r]] @ b[e(r)]`` in place (rows past ``offsets[-1]`` zero). On Hopper in bf16/fp16 the
+    Gluon kernel, pipelined across tiles, where it takes the layouts (4-9% faster than the Triton kernel on the
+    fine-grained products, level on Mixtral's: benchmarks/KERNELS_NOTES.md, v10); elsewhere the Triton kernel,
+    through TMA where the GPU has it (within 2% of CUTLASS or faster, v7), else on pointer loads."""
+    if a_rows is None and gluon_gemm.takes(a, b, c):
+        gluon_gemm.grouped_gemm(a, offsets, b, c)
+    else:
+        grouped_gemm("store", a, offsets, b, c, n=b.shape[2], a_rows=a_rows)
+
+
 def _per_row_product(a: Tensor, offsets: Tensor, b: Tensor, bounds: list[int] | None = None) -> Tensor:
-    """``a[r] @ b[e(r)]`` for every routed row r: [M, N] (rows past ``offsets[-1]`` zero). On Hopper the Triton
-    kernel reads both operands through TMA, within 2% of CUTLASS or faster on every such product measured
-    (benchmarks/KERNELS_NOTES.md, v7); elsewhere it is the same kernel on pointer loads. ``bounds`` (the group
-    bounds on the host): one cuBLAS mm per expert instead (prmc.kernels.cublas)."""
+    """``a[r] @ b[e(r)]`` for every routed row r: [M, N] (rows past ``offsets[-1]`` zero; _store_product).
+    ``bounds`` (the group bounds on the host): one cuBLAS mm per expert instead (prmc.kernels.cublas)."""
     if bounds is not None:
         return cublas.row_mm(a, b, bounds)
     c = a.new_empty(a.shape[0], b.shape[2])
-    grouped_gemm("store", a, offsets, b, c, n=b.shape[2])
+    _store_product(a, offsets, b, c)
     return c
 
 
@@ -143,7 +153,7 @@ def experts_backward(
     # copy of grad_out[rows] serves this product and the weight gradient.
     grad_out_rows, grad_out_index = _routed_rows(grad_out, rows)
     g = grad_out.new_empty(rows.shape[0], w_down.shape[2])
-    grouped_gemm("store", grad_out_rows, offsets, w_down, g, n=w_down.shape[2], a_rows=grad_out_index)
+    _store_product(grad_out_rows, offsets, w_down, g, a_rows=grad_out_index)
     dpre, grad_scale, hs = mlp_grad_rows(g, preact, offsets, scale, order, activation, gated)
     del g
     if grad_preact is not None:  # preact used beyond h: never by the lowering
