@@ -59,7 +59,9 @@ def takes(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> bool:
     if not (a.dtype == b.dtype == c.dtype and a.dtype in (torch.bfloat16, torch.float16)):
         return False
     k, n = b.shape[1], b.shape[2]
-    return k >= (STAGES - 2) * BLOCK_K and _weight_view(b) is not None and tma_reads(a) and tma_reads(c) and c.shape[1] == n
+    if k < (STAGES - 2) * BLOCK_K or c.shape[1] != n:  # the prologue's loads must fit in one tile's k-steps
+        return False
+    return _weight_view(b) is not None and tma_reads(a) and tma_reads(c)
 
 
 def _weight_view(b: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
