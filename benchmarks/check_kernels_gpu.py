@@ -76,7 +76,7 @@ def check_sort_by_expert() -> list[str]:
 
 
 def expects_gluon(case: Case) -> bool:
-    """Whether the down projection's forward and grad_h products must take the Gluon kernel (gluon_gemm.takes):
+    """Whether the down projection's forward and grad_h products must take the Gluon kernel (gluon_gemm.weight_operand):
     on Hopper, 16-bit, the hidden size a multiple of its 256-wide tile, weights in their usual layout."""
     hopper = torch.cuda.get_device_capability() == (9, 0) and gluon_gemm.gluon is not None
     return hopper and case.dtype != torch.float32 and case.hidden % 256 == 0 and not case.transposed_weights

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -84,9 +85,8 @@ class SMClock:
             import pynvml
 
             pynvml.nvmlInit()
-            self._read = lambda: pynvml.nvmlDeviceGetClockInfo(
-                pynvml.nvmlDeviceGetHandleByIndex(device.index or 0), pynvml.NVML_CLOCK_SM
-            )
+            handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+            self._read = lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)
         except Exception:  # no NVML: timings without clocks
             self._read = None
         self.samples = []
@@ -111,7 +111,7 @@ class SMClock:
 
     @property
     def median(self):
-        return sorted(self.samples)[len(self.samples) // 2] if self.samples else None
+        return statistics.median_high(self.samples) if self.samples else None
 
 
 def prepare(fn, params, grad_out, backward: bool):
@@ -200,7 +200,7 @@ def bench_config(name, tokens, device, rounds):
                   f"{r['peak_gb']:6.2f} GB  SM {mhz} MHz", flush=True)  # fmt: skip
     for key, r in results.items():
         flops = gemm_flops * (3 if key.endswith("fwd+bwd") else 1)
-        r["ms"] = sorted(r["ms_rounds"])[len(r["ms_rounds"]) // 2]
+        r["ms"] = statistics.median_high(r["ms_rounds"])
         r["tflops"] = flops / r["ms"] / 1e9
     return results
 

@@ -18,7 +18,7 @@ store would write the next group's rows).
 Measured against the Triton kernel on the same operands (H200, bf16, 8192 tokens, benchmarks/KERNELS_NOTES.md
 v10): 4-9% faster on the fine-grained products, level on Mixtral's.
 
-Where it runs (``takes``): CUDA sm90 (``wgmma`` is sm90a's), bf16/fp16, A and C read and written through TMA
+Where it runs (``weight_operand``): CUDA sm90 (``wgmma`` is sm90a's), bf16/fp16, A and C read and written through TMA
 (not gathered), and B laid out so that a 2-D view ``[E * N, K]`` (K contiguous) or ``[E * K, N]`` (N contiguous)
 never lets a tile reach into the next expert's matrix: N a multiple of the 256-wide tile in the first case, K a
 multiple of the 64-deep step in the second. Elsewhere the Triton kernel runs. One tile shape for every product
@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from prmc.kernels._triton_common import INTERPRET, capability, tma_reads
+from prmc.kernels._triton_common import INTERPRET, capability, num_programs, swizzle, tma_reads
 
 try:
     from triton.experimental import gluon
@@ -52,22 +52,18 @@ except ImportError:  # a Triton without Gluon: the Triton kernel runs everywhere
 BLOCK_M, BLOCK_N, BLOCK_K, STAGES, NUM_WARPS, GROUP = 128, 256, 64, 3, 8, 8
 
 
-def takes(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> bool:
-    """Whether this kernel runs ``c = a @ b[e]`` per group: a [M, K], b [E, K, N] (any view), c [M, N]."""
+def weight_operand(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+    """Whether this kernel runs ``c = a @ b[e]`` per group (a [M, K], b [E, K, N] any view, c [M, N]): the 2-D
+    view of b's storage it reads and whether K is contiguous in it, or None where it does not run."""
     if gluon is None or INTERPRET or not a.is_cuda or capability(a.device) != (9, 0):
-        return False
+        return None
     if not (a.dtype == b.dtype == c.dtype and a.dtype in (torch.bfloat16, torch.float16)):
-        return False
-    k, n = b.shape[1], b.shape[2]
-    if k < (STAGES - 2) * BLOCK_K or c.shape[1] != n:  # the prologue's loads must fit in one tile's k-steps
-        return False
-    return _weight_view(b) is not None and tma_reads(a) and tma_reads(c)
-
-
-def _weight_view(b: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
-    """(2-D view of b's storage, whether K is contiguous), or None where a tile could cross experts or TMA
-    cannot read it."""
+        return None
     e, k, n = b.shape
+    if k < (STAGES - 2) * BLOCK_K or c.shape[1] != n or not (tma_reads(a) and tma_reads(c)):
+        return None  # (the prologue's loads must fit in one tile's k-steps)
+    # A tile must never reach into the next expert's matrix: N whole tiles where K is contiguous, K whole steps
+    # where N is.
     if b.stride(1) == 1 and b.stride(0) == n * b.stride(2) and n % BLOCK_N == 0:  # [E, N, K] storage
         view, k_contig = b.as_strided((e * n, k), (b.stride(2), 1)), True
     elif b.stride(2) == 1 and b.stride(0) == k * b.stride(1) and k % BLOCK_K == 0:  # [E, K, N] storage
@@ -96,14 +92,11 @@ if gluon is not None:
 
     @gluon.jit
     def _tile_origin(t, first, row_begin, row_end, num_n, BM: gl.constexpr, GROUP: gl.constexpr):
-        """(first row, column block) of tile t: bands of GROUP row-blocks, column by column (as swizzle)."""
+        """(first row, column block) of tile t, in the Triton kernels' tile order (``swizzle``). Past the last
+        group (no rows; its loads are predicated off) any tile will do: the group's first."""
         num_m = gl.cdiv(row_end - row_begin, BM)
-        local = t - first
-        per_band = GROUP * num_n
-        first_m = (local // per_band) * GROUP
-        band_rows = gl.maximum(gl.minimum(num_m - first_m, GROUP), 1)  # 1 past the last group (loads predicated off)
-        in_band = local % per_band
-        return row_begin + (first_m + in_band % band_rows) * BM, in_band // band_rows
+        pid_m, pid_n = swizzle(gl.where(num_m > 0, t - first, 0), gl.maximum(num_m, 1), num_n, GROUP)
+        return row_begin + pid_m * BM, pid_n
 
     @gluon.jit
     def _load(a_desc, b_desc, bars, a_bufs, b_bufs, produced, off_m, b_row, off_n, k, pred,
@@ -230,20 +223,20 @@ if gluon is not None:
                           store_layout)  # fmt: skip
 
 
-def grouped_gemm(a: torch.Tensor, offsets: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> None:
+def grouped_gemm(a: torch.Tensor, offsets: torch.Tensor, weight: tuple[torch.Tensor, bool], c: torch.Tensor) -> None:
     """``c[r] = a[r] @ b[e(r)]`` over the groups of ``offsets`` (int32 group ends), rows past ``offsets[-1]``
-    zeroed; a [M, K], b [E, K, N] (any view ``takes`` accepts), c [M, N], written in place."""
-    m, k, n = a.shape[0], b.shape[1], b.shape[2]
+    zeroed; a [M, K], ``weight`` = ``weight_operand(a, b, c)``, c [M, N], written in place."""
+    (m, k), n = a.shape, c.shape[1]
     if m == 0 or n == 0:
         return
-    view, k_contig = _weight_view(b)
+    view, k_contig = weight
     dtype = gl.bfloat16 if a.dtype == torch.bfloat16 else gl.float16
     b_block = [BLOCK_N, BLOCK_K] if k_contig else [BLOCK_K, BLOCK_N]
 
     def descriptor(t, block):
         return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
 
-    programs = torch.cuda.get_device_properties(a.device).multi_processor_count
+    programs = num_programs(a.device)
     grouped_gemm_kernel[(programs,)](
         descriptor(a, [BLOCK_M, BLOCK_K]), descriptor(view, b_block), descriptor(c, [BLOCK_M, BLOCK_N]),
         c, c.stride(0), offsets, m, n, k, offsets.shape[0],
@@ -261,10 +254,11 @@ if __name__ == "__main__":
     h = torch.randn(tokens * top_k, inter, device="cuda", dtype=torch.bfloat16)
     w_down = torch.randn(experts, hidden, inter, device="cuda", dtype=torch.bfloat16) / inter**0.5
     b = w_down.transpose(1, 2)
-    assert takes(h, b, h.new_empty(h.shape[0], hidden))
     ref = torch._grouped_mm(h, b, offs=offsets)
+    weight = weight_operand(h, b, ref)
+    assert weight is not None
     runs = {
-        "gluon": lambda c: grouped_gemm(h, offsets, b, c),
+        "gluon": lambda c: grouped_gemm(h, offsets, weight, c),
         "triton": lambda c: triton_gemm.grouped_gemm("store", h, offsets, b, c, n=hidden),
         "cutlass": lambda c: c.copy_(torch._grouped_mm(h, b, offs=offsets)),
     }

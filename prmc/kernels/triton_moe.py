@@ -6,7 +6,7 @@ tensors with ``TRITON_INTERPRET=1``.
 
 ====================  =======================================================================================
 op                    kernels ("store"/"gate_up": grouped_gemm, through TMA where the GPU and layouts allow;
-                      "store" runs the Gluon gluon_gemm instead where gluon_gemm.takes (Hopper, bf16/fp16);
+                      "store" runs the Gluon gluon_gemm instead where gluon_gemm.weight_operand says (Hopper, bf16/fp16);
                       "weight grad": CUTLASS's ``torch._grouped_mm`` where cutlass.takes (Hopper, bf16), else
                       the Triton weight_grad, through TMA where it can)
 ====================  =======================================================================================
@@ -63,8 +63,9 @@ def _store_product(a: Tensor, offsets: Tensor, b: Tensor, c: Tensor, a_rows: Ten
     Gluon kernel, pipelined across tiles, where it takes the layouts (4-9% faster than the Triton kernel on the
     fine-grained products, level on Mixtral's: benchmarks/KERNELS_NOTES.md, v10); elsewhere the Triton kernel,
     through TMA where the GPU has it (within 2% of CUTLASS or faster, v7), else on pointer loads."""
-    if a_rows is None and gluon_gemm.takes(a, b, c):
-        gluon_gemm.grouped_gemm(a, offsets, b, c)
+    weight = gluon_gemm.weight_operand(a, b, c) if a_rows is None else None
+    if weight is not None:
+        gluon_gemm.grouped_gemm(a, offsets, weight, c)
     else:
         grouped_gemm("store", a, offsets, b, c, n=b.shape[2], a_rows=a_rows)
 
