@@ -223,7 +223,7 @@ def breakdown(name, tokens, device) -> None:
     "alt" are other kernels for the product above them (the choice, measured; not in the sum)."""
     import triton
 
-    from prmc.kernels import cublas, cutlass
+    from prmc.kernels import cublas, cutlass, gluon_gemm
     from prmc.kernels.combine import combine_rows
     from prmc.kernels.gather_rows import gather_rows
     from prmc.kernels.grouped_gemm import grouped_gemm, grouped_gemm_kernel
@@ -253,40 +253,48 @@ def breakdown(name, tokens, device) -> None:
     gemm = 2 * m * hidden * inter  # one [M, H] x [H, I] product
     few_large, bounds = cublas.takes(offsets, m, dpre, x, w_gate_up), cublas.group_bounds(offsets)
 
-    def used_first(per_expert, grouped):
-        """The two (label, part) choices of a product that cuBLAS runs per expert in few-large-expert layers:
-        the one the layer runs first, the other marked alt."""
-        used, alt = (per_expert, grouped) if few_large else (grouped, per_expert)
-        return {used[0]: used[1], "  alt " + alt[0]: alt[1]}
+    def ranked(*choices):
+        """(label, part) choices for one product, the one the layer runs first; the others are marked alt."""
+        (label, part), *others = choices
+        return {label: part, **{"  alt " + other: alt for other, alt in others}}
 
+    def store_choices(product, a, b, c, flops):
+        """The Gluon and Triton kernels for a store product, the one the layer runs first (_store_product)."""
+        triton_choice = (f"{product} (Triton TMA)", (lambda: grouped_gemm("store", a, offsets, b, c, n=c.shape[1]), flops))
+        weight = gluon_gemm.weight_operand(a, b, c)
+        if weight is None:
+            return [triton_choice]
+        return [(f"{product} (Gluon)", (lambda: gluon_gemm.grouped_gemm(a, offsets, weight, c), flops)), triton_choice]
+
+    grad_x_choices = store_choices("gate_up grad_x", dpre, w_gate_up, y, 2 * gemm)
+    per_expert = ("gate_up grad_x (cuBLAS per expert)", (lambda: cublas.row_mm(dpre, w_gate_up, bounds), 2 * gemm))
+    grad_x_choices = [per_expert, *grad_x_choices] if few_large else [*grad_x_choices, per_expert]
+    grad_w = [
+        ("gate_up grad_w (CUTLASS)", (lambda: cutlass.k_grouped_mm(dpre, x_rows, offsets), 2 * gemm)),
+        ("gate_up grad_w (cuBLAS per expert)", (lambda: cublas.k_mm(dpre, x_rows, bounds), 2 * gemm)),
+    ]
     parts = {
         "sort_by_expert": (lambda: torch.ops.prmc.sort_by_expert(ids, experts), 0),
         "gather x rows (fwd)": (lambda: gather_rows(x, rows), 0),
         "gate_up fwd (Triton TMA, act)": (lambda: grouped_gemm("gate_up", x_rows, offsets, w_gate_up.transpose(1, 2), preact, n=inter, h=h, gated=True), 2 * gemm),
         "  alt gate_up fwd (Triton, gather on load)": (lambda: grouped_gemm("gate_up", x, offsets, w_gate_up.transpose(1, 2), preact, n=inter, a_rows=rows, h=h, gated=True), 2 * gemm),
         "  alt gate_up fwd (gather on load, no TMA)": (lambda: grouped_gemm("gate_up", x, offsets, w_gate_up.transpose(1, 2), preact, n=inter, a_rows=rows, h=h, gated=True, tma=False), 2 * gemm),
-        "down fwd (Triton TMA)": (lambda: grouped_gemm("store", h, offsets, w_down.transpose(1, 2), y, n=hidden), gemm),
+        **ranked(*store_choices("down fwd", h, w_down.transpose(1, 2), y, gemm)),
         "  alt down fwd (CUTLASS)": (lambda: cutlass.row_grouped_mm(h, w_down.transpose(1, 2), offsets), gemm),
         "down fwd combine (scale)": (lambda: combine_rows(y, inverse, top_k, offsets, scale), 0),
         "gather grad_out rows": (lambda: gather_rows(grad_out, rows), 0),
-        "down grad_h (Triton TMA)": (lambda: grouped_gemm("store", grad_out_rows, offsets, w_down, g_alt, n=inter), gemm),
+        **ranked(*store_choices("down grad_h", grad_out_rows, w_down, g_alt, gemm)),
         "  alt down grad_h (CUTLASS)": (lambda: cutlass.row_grouped_mm(grad_out_rows, w_down, offsets), gemm),
         "  alt down grad_h (Triton, gather on load)": (lambda: grouped_gemm("store", grad_out, offsets, w_down, g_alt, n=inter, a_rows=rows), gemm),
         "mlp_grad_rows (d preact, grad_scale, scale*h)": (lambda: mlp_grad_rows(g, preact, offsets, scale, order, "silu", True), 0),
         "down grad_w (CUTLASS)": (lambda: cutlass.k_grouped_mm(grad_out_rows, hs, offsets), gemm),
         "  alt down grad_w (Triton TMA)": (lambda: weight_grad(grad_out_rows, hs, offsets, grad_w_down), gemm),
         "  alt down grad_w (Triton, gather on load)": (lambda: weight_grad(grad_out, hs, offsets, grad_w_down, left_rows=rows), gemm),
-        **used_first(
-            ("gate_up grad_x (cuBLAS per expert)", (lambda: cublas.row_mm(dpre, w_gate_up, bounds), 2 * gemm)),
-            ("gate_up grad_x (Triton TMA)", (lambda: grouped_gemm("store", dpre, offsets, w_gate_up, y, n=hidden), 2 * gemm)),
-        ),
+        **ranked(*grad_x_choices),
         "  alt grad_x (CUTLASS)": (lambda: cutlass.row_grouped_mm(dpre, w_gate_up, offsets), 2 * gemm),
         "gate_up grad_x combine": (lambda: combine_rows(y, inverse, top_k, offsets), 0),
         "gather x rows": (lambda: gather_rows(x, rows), 0),
-        **used_first(
-            ("gate_up grad_w (cuBLAS per expert)", (lambda: cublas.k_mm(dpre, x_rows, bounds), 2 * gemm)),
-            ("gate_up grad_w (CUTLASS)", (lambda: cutlass.k_grouped_mm(dpre, x_rows, offsets), 2 * gemm)),
-        ),
+        **ranked(*(grad_w[::-1] if few_large else grad_w)),
         "  alt gate_up grad_w (Triton TMA)": (lambda: weight_grad(dpre, x_rows, offsets, grad_w_gate_up), 2 * gemm),
         "  alt gate_up grad_w (Triton, gather on load)": (lambda: weight_grad(dpre, x, offsets, grad_w_gate_up, right_rows=rows), 2 * gemm),
     }  # fmt: skip
