@@ -15,7 +15,7 @@ import time
 import torch
 
 import prmc  # noqa: F401  (registers torch.ops.prmc.* and their CUDA kernels)
-from prmc.kernels import gluon_gemm, reference
+from prmc.kernels import cublas, gluon_gemm, reference
 from prmc.kernels.check import Case, check_case, rel_err
 
 # bf16 operands: the reference op itself, run in bf16, lands near 3e-3 (preact and h are rounded).
@@ -28,6 +28,8 @@ CASES = {
     "odd fp16 gelu_tanh ungated, transposed": Case(1000, 1000, 700, 10, 3, dtype=torch.float16, activation="gelu_tanh", gated=False, transposed_weights=True),
     "fp32 gelu transposed": Case(1024, 1024, 512, 16, 4, activation="gelu", transposed_weights=True),
     "one group bf16 relu": Case(4096, 1024, 512, 8, 1, dtype=torch.bfloat16, activation="relu", hot=1),
+    # the gated Gluon forward on weights stored [E, H, F] (columns contiguous), partial tiles
+    "bf16 gelu_tanh transposed, 1000 tokens": Case(1000, 1024, 384, 12, 2, dtype=torch.bfloat16, activation="gelu_tanh", transposed_weights=True),
     # 4 experts of ~2048 rows (expert 0 empty): grad_x's product and grad_w_gate_up on cuBLAS per expert
     "few large experts bf16, empty + unrouted": Case(4096, 2048, 2816, 4, 2, dtype=torch.bfloat16, hot=1, unrouted=777),
 }  # fmt: skip
@@ -75,11 +77,25 @@ def check_sort_by_expert() -> list[str]:
     return failed
 
 
-def expects_gluon(case: Case) -> bool:
-    """Whether the down projection's forward and grad_h products must take the Gluon kernel (gluon_gemm.weight_operand):
-    on Hopper, 16-bit, the hidden size a multiple of its 256-wide tile, weights in their usual layout."""
-    hopper = torch.cuda.get_device_capability() == (9, 0) and gluon_gemm.gluon is not None
-    return hopper and case.dtype != torch.float32 and case.hidden % 256 == 0 and not case.transposed_weights
+def gluon_products(case: Case) -> int:
+    """How many products of the case's two passes (scaled, unscaled) must take the Gluon kernel
+    (gluon_gemm.weight_operand): on Hopper in 16 bits, each product whose weight view no tile can leave an expert
+    in (columns whole tiles of 256, or 128 per half when gated, where K is contiguous; K whole steps of 64 where
+    the columns are): down fwd (W_down.T), grad_h (W_down), the gated gate_up forward (W_gate_up.T) and grad_x
+    (W_gate_up) unless cuBLAS per expert runs it (cublas.takes: few large experts, bf16)."""
+    if torch.cuda.get_device_capability() != (9, 0) or gluon_gemm.gluon is None or case.dtype == torch.float32:
+        return 0
+    h, i, f = case.hidden, case.inter, case.inter * (2 if case.gated else 1)
+    if case.transposed_weights:  # storage [E, I, H] and [E, H, F]
+        down_fwd, grad_h, gate_up, grad_x = i % 64 == 0, i % 256 == 0, h % 64 == 0 and i % 128 == 0, h % 256 == 0
+    else:  # storage [E, H, I] and [E, F, H]
+        down_fwd, grad_h, gate_up, grad_x = h % 256 == 0, h % 64 == 0, i % 128 == 0, f % 64 == 0
+    per_expert = (
+        case.dtype == torch.bfloat16
+        and case.experts <= cublas.MAX_GROUPS
+        and case.tokens * case.top_k >= cublas.MIN_ROWS_PER_GROUP * case.experts
+    )  # fmt: skip
+    return 2 * (down_fwd + grad_h + (gate_up and case.gated) + (grad_x and not per_expert))
 
 
 def main(only: list[str]) -> int:
@@ -100,7 +116,7 @@ def main(only: list[str]) -> int:
             gluon_gemm.grouped_gemm = launch
         worst = max(errors, key=errors.get)
         bad = {k: v for k, v in errors.items() if not v <= TOLERANCE[case.dtype]}
-        if expects_gluon(case) and len(ran) < 4:  # down fwd and grad_h, in the scaled and the unscaled pass
+        if len(ran) != gluon_products(case):
             bad["gluon products"] = len(ran)
         failed += [f"{name}: {k}" for k in bad]
         status = "ok" if not bad else f"FAIL {bad}"

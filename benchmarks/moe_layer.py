@@ -258,15 +258,21 @@ def breakdown(name, tokens, device) -> None:
         (label, part), *others = choices
         return {label: part, **{"  alt " + other: alt for other, alt in others}}
 
-    def store_choices(product, a, b, c, flops):
-        """The Gluon and Triton kernels for a store product, the one the layer runs first (_store_product)."""
-        triton_choice = (f"{product} (Triton TMA)", (lambda: grouped_gemm("store", a, offsets, b, c, n=c.shape[1]), flops))
-        weight = gluon_gemm.weight_operand(a, b, c)
+    def row_choices(product, a, b, c, flops, h=None):
+        """The Gluon and Triton kernels for a row product (``h``: the gated gate_up epilogue), the one the layer
+        runs first (_row_product)."""
+        if h is None:
+            triton_run = lambda: grouped_gemm("store", a, offsets, b, c, n=c.shape[1])  # noqa: E731
+        else:
+            triton_run = lambda: grouped_gemm("gate_up", a, offsets, b, c, n=h.shape[1], h=h, gated=True)  # noqa: E731
+        kind = "" if h is None else ", act"
+        triton_choice = (f"{product} (Triton TMA{kind})", (triton_run, flops))
+        weight = gluon_gemm.weight_operand(a, b, c, h)
         if weight is None:
             return [triton_choice]
-        return [(f"{product} (Gluon)", (lambda: gluon_gemm.grouped_gemm(a, offsets, weight, c), flops)), triton_choice]
+        return [(f"{product} (Gluon{kind})", (lambda: gluon_gemm.grouped_gemm(a, offsets, weight, c, h), flops)), triton_choice]
 
-    grad_x_choices = store_choices("gate_up grad_x", dpre, w_gate_up, y, 2 * gemm)
+    grad_x_choices = row_choices("gate_up grad_x", dpre, w_gate_up, y, 2 * gemm)
     per_expert = ("gate_up grad_x (cuBLAS per expert)", (lambda: cublas.row_mm(dpre, w_gate_up, bounds), 2 * gemm))
     grad_x_choices = [per_expert, *grad_x_choices] if few_large else [*grad_x_choices, per_expert]
     grad_w = [
@@ -276,14 +282,14 @@ def breakdown(name, tokens, device) -> None:
     parts = {
         "sort_by_expert": (lambda: torch.ops.prmc.sort_by_expert(ids, experts), 0),
         "gather x rows (fwd)": (lambda: gather_rows(x, rows), 0),
-        "gate_up fwd (Triton TMA, act)": (lambda: grouped_gemm("gate_up", x_rows, offsets, w_gate_up.transpose(1, 2), preact, n=inter, h=h, gated=True), 2 * gemm),
+        **ranked(*row_choices("gate_up fwd", x_rows, w_gate_up.transpose(1, 2), preact, 2 * gemm, h)),
         "  alt gate_up fwd (Triton, gather on load)": (lambda: grouped_gemm("gate_up", x, offsets, w_gate_up.transpose(1, 2), preact, n=inter, a_rows=rows, h=h, gated=True), 2 * gemm),
         "  alt gate_up fwd (gather on load, no TMA)": (lambda: grouped_gemm("gate_up", x, offsets, w_gate_up.transpose(1, 2), preact, n=inter, a_rows=rows, h=h, gated=True, tma=False), 2 * gemm),
-        **ranked(*store_choices("down fwd", h, w_down.transpose(1, 2), y, gemm)),
+        **ranked(*row_choices("down fwd", h, w_down.transpose(1, 2), y, gemm)),
         "  alt down fwd (CUTLASS)": (lambda: cutlass.row_grouped_mm(h, w_down.transpose(1, 2), offsets), gemm),
         "down fwd combine (scale)": (lambda: combine_rows(y, inverse, top_k, offsets, scale), 0),
         "gather grad_out rows": (lambda: gather_rows(grad_out, rows), 0),
-        **ranked(*store_choices("down grad_h", grad_out_rows, w_down, g_alt, gemm)),
+        **ranked(*row_choices("down grad_h", grad_out_rows, w_down, g_alt, gemm)),
         "  alt down grad_h (CUTLASS)": (lambda: cutlass.row_grouped_mm(grad_out_rows, w_down, offsets), gemm),
         "  alt down grad_h (Triton, gather on load)": (lambda: grouped_gemm("store", grad_out, offsets, w_down, g_alt, n=inter, a_rows=rows), gemm),
         "mlp_grad_rows (d preact, grad_scale, scale*h)": (lambda: mlp_grad_rows(g, preact, offsets, scale, order, "silu", True), 0),

@@ -117,12 +117,17 @@ def test_cublas_per_expert_products(dtype):
 
 
 
-@pytest.mark.parametrize("k_contig", [True, False], ids=["weight-K-contiguous", "weight-N-contiguous"])
-def test_gluon_gemm_compiles_for_hopper(k_contig):
+@pytest.mark.parametrize(
+    "k_contig, gated, activation",
+    [(k_contig, gated, "silu") for k_contig in (True, False) for gated in (False, True)]
+    + [(True, True, activation) for activation in ("gelu", "gelu_tanh", "relu")],
+)
+def test_gluon_gemm_compiles_for_hopper(k_contig, gated, activation):
     """The Gluon kernel runs only on Hopper, and Gluon has no interpreter, so its numbers are checked on the GPU
-    (benchmarks/check_kernels_gpu.py). Here it is compiled for sm90a with the installed Triton: a Gluon API
-    change fails in CI, not on a user's GPU. Its PTX must hold the wgmma products and the TMA copies, and its
-    shared memory must fit a Hopper multiprocessor."""
+    (benchmarks/check_kernels_gpu.py). Here it is compiled for sm90a with the installed Triton, as the store
+    product and as the gated one (every activation): a Gluon API change fails in CI, not on a user's GPU. Its PTX
+    must hold the TMA copies and 256-wide wgmma products (gated: the gate and up tiles in one), and its shared
+    memory must fit a Hopper multiprocessor."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -136,17 +141,21 @@ def test_gluon_gemm_compiles_for_hopper(k_contig):
         layout = gg.gl.NVMMASharedLayout.get_default_for(block, gg.gl.bfloat16)
         return f"tensordesc<bf16[{block[0]}, {block[1]}],{layout!r}>"
 
-    b_block = [gg.BLOCK_N, gg.BLOCK_K] if k_contig else [gg.BLOCK_K, gg.BLOCK_N]
-    constants = dict(K_CONTIG=k_contig, STAGES=gg.STAGES, GROUP=gg.GROUP, num_warps=gg.NUM_WARPS)
+    block_n = gg.BLOCK_N[gated]
+    b_block = [block_n, gg.BLOCK_K] if k_contig else [gg.BLOCK_K, block_n]
+    constants = dict(K_CONTIG=k_contig, GATED=gated, ACTIVATION=activation, STAGES=gg.STAGES, GROUP=gg.GROUP, num_warps=gg.NUM_WARPS)
+    c_block = descriptor([gg.BLOCK_M, block_n])
     signature = dict(
-        a_desc=descriptor([gg.BLOCK_M, gg.BLOCK_K]), b_desc=descriptor(b_block), c_desc=descriptor([gg.BLOCK_M, gg.BLOCK_N]),
-        c_ptr="*bf16", stride_cm="i32", offsets_ptr="*i32", M="i32", N="i32", K="i32", E="i32",
-        **{name: "constexpr" for name in constants},
+        a_desc=descriptor([gg.BLOCK_M, gg.BLOCK_K]), b_desc=descriptor(b_block), c_desc=c_block, h_desc=c_block,
+        c_ptr="*bf16", stride_cm="i32", h_ptr="*bf16", stride_hm="i32", offsets_ptr="*i32", M="i32", N="i32", K="i32",
+        E="i32", **{name: "constexpr" for name in constants},
     )  # fmt: skip
     source = GluonASTSource(gg.grouped_gemm_kernel, signature, constants)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=gg.NUM_WARPS))
-    assert "wgmma.mma_async" in kernel.asm["ptx"] and "cp.async.bulk.tensor" in kernel.asm["ptx"]
+    ptx = kernel.asm["ptx"]
+    assert "cp.async.bulk.tensor" in ptx and "wgmma.mma_async.sync.aligned.m64n256k16" in ptx  # gated: both halves
     assert kernel.metadata.shared <= 232448  # bytes of shared memory a Hopper block may have
+
 
 def check_gather_rows() -> dict[str, float]:
     from prmc.kernels.check import rel_err

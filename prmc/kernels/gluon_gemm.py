@@ -2,10 +2,11 @@
 
 The story
 ---------
-The layer's per-row products without an activation epilogue (down forward, down grad_h, gate_up grad_x) are
-:mod:`prmc.kernels.grouped_gemm`'s "store" epilogue. Triton pipelines the k-loop of one tile at a time: each
-tile starts with its pipeline empty and ends with the tensor cores idle while the accumulator is stored. At the
-fine-grained layers' sizes a tile is only 12-32 k-steps (K = 768-2048), so those bubbles are a large share.
+The layer's per-row products (down forward, down grad_h, gate_up grad_x: the "store" epilogue of
+:mod:`prmc.kernels.grouped_gemm`; and the gated gate_up forward) run one kernel. Triton pipelines the k-loop of
+one tile at a time: each tile starts with its pipeline empty and ends with the tensor cores idle while the
+accumulator is stored. At the fine-grained layers' sizes a tile is only 12-32 k-steps (K = 768-2048), so those
+bubbles are a large share.
 
 Gluon (``triton.experimental.gluon``) writes the pipeline by hand. Each program (one per multiprocessor) walks
 its tiles of all groups; the TMA loads run STAGES-2 k-steps ahead of the ``wgmma``, and the last k-steps of a
@@ -15,14 +16,23 @@ k-loop has no branches (the next tile's coordinates are worked out once per tile
 is deferred to the next tile's epilogue; a tile reaching past its group's end stores with a masked store (a TMA
 store would write the next group's rows).
 
-Measured against the Triton kernel on the same operands (H200, bf16, 8192 tokens, benchmarks/KERNELS_NOTES.md
-v10): 4-9% faster on the fine-grained products, level on Mixtral's.
+Gated (SwiGLU and friends, the weight's gate rows first, then its up rows): a tile is 128 columns of the gate
+half and the same 128 of the up half, loaded into the two halves of one B buffer, so one 128 x 256 ``wgmma``
+covers both (two 128 x 128 accumulators ran no faster than the Triton kernel: 255 registers, and A read from
+shared memory twice). Each thread holds column j of both halves, so the epilogue splits the accumulator without
+moving data and writes preact (both halves, rounded to the output dtype) and ``h = act(gate) * up``.
 
-Where it runs (``weight_operand``): CUDA sm90 (``wgmma`` is sm90a's), bf16/fp16, A and C read and written through TMA
-(not gathered), and B laid out so that a 2-D view ``[E * N, K]`` (K contiguous) or ``[E * K, N]`` (N contiguous)
-never lets a tile reach into the next expert's matrix: N a multiple of the 256-wide tile in the first case, K a
-multiple of the 64-deep step in the second. Elsewhere the Triton kernel runs. One tile shape for every product
-(128 x 256 x 64, 3 stages, 8 warps: the fastest of the five measured on all six products), so no autotuning.
+Measured against the Triton kernel on the same operands (H200, bf16, 8192 tokens, benchmarks/KERNELS_NOTES.md
+v10-v11): the store products 4-9% faster on the fine-grained layers, level on Mixtral's; the gated forward 1-2%
+faster on the fine-grained layers, 2-7% on Mixtral's.
+
+Where it runs (``weight_operand``): CUDA sm90 (``wgmma`` is sm90a's), bf16/fp16, A and C (and h) read and
+written through TMA (not gathered), and B laid out so that a 2-D view ``[E * N, K]`` (K contiguous) or
+``[E * K, N]`` (N contiguous) never lets a tile reach into the next expert's matrix (nor a gate tile into the up
+half): N a multiple of the 256-wide tile (of 128 per half when gated) in the first case, K a multiple of the
+64-deep step in the second (and, gated, each half a multiple of 128). Elsewhere the Triton kernel runs. One tile
+shape per epilogue (128 x 256 x 64, 3 stages, 8 warps: the fastest of the five measured on all six store
+products), so no autotuning.
 
 Rows at and past ``offsets[-1]`` belong to no expert; a last pass of the same launch zeroes them (the reference
 leaves them zero).
@@ -33,7 +43,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from prmc.kernels._triton_common import INTERPRET, capability, num_programs, swizzle, tma_reads
+from prmc.kernels._triton_common import INTERPRET, activation, capability, num_programs, swizzle, tma_reads
 
 try:
     from triton.experimental import gluon
@@ -49,12 +59,17 @@ try:
 except ImportError:  # a Triton without Gluon: the Triton kernel runs everywhere
     gluon = None
 
-BLOCK_M, BLOCK_N, BLOCK_K, STAGES, NUM_WARPS, GROUP = 128, 256, 64, 3, 8, 8
+BLOCK_M, BLOCK_K, STAGES, NUM_WARPS, GROUP = 128, 64, 3, 8, 8
+# Output columns per tile: 256, or 128 of each half when gated (the accumulator is 256 wide either way).
+BLOCK_N = {False: 256, True: 128}
 
 
-def weight_operand(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
-    """Whether this kernel runs ``c = a @ b[e]`` per group (a [M, K], b [E, K, N] any view, c [M, N]): the 2-D
-    view of b's storage it reads and whether K is contiguous in it, or None where it does not run."""
+def weight_operand(
+    a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, h: torch.Tensor | None = None
+) -> tuple[torch.Tensor, bool] | None:
+    """Whether this kernel runs ``c = a @ b[e]`` per group (a [M, K], b [E, K, N'] any view, c [M, N']): the 2-D
+    view of b's storage it reads and whether K is contiguous in it, or None where it does not run. ``h`` [M, N'/2]
+    given: the gated product (gate half then up half of N'), ``h = act(gate) * up`` written too."""
     if gluon is None or INTERPRET or not a.is_cuda or capability(a.device) != (9, 0):
         return None
     if not (a.dtype == b.dtype == c.dtype and a.dtype in (torch.bfloat16, torch.float16)):
@@ -62,12 +77,16 @@ def weight_operand(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> tuple[t
     e, k, n = b.shape
     if k < (STAGES - 2) * BLOCK_K or c.shape[1] != n or not (tma_reads(a) and tma_reads(c)):
         return None  # (the prologue's loads must fit in one tile's k-steps)
-    # A tile must never reach into the next expert's matrix: N whole tiles where K is contiguous, K whole steps
-    # where N is.
-    if b.stride(1) == 1 and b.stride(0) == n * b.stride(2) and n % BLOCK_N == 0:  # [E, N, K] storage
+    gated = h is not None
+    if gated and not (h.dtype == c.dtype and h.shape == (c.shape[0], n // 2) and n % 2 == 0 and tma_reads(h)):
+        return None
+    # A tile must never reach into the next expert's matrix (nor a gate tile into the up half): the columns
+    # whole tiles where K is contiguous, K whole steps where N is; gated, each half's columns whole tiles.
+    whole_n = (n // 2 if gated else n) % BLOCK_N[gated] == 0
+    if b.stride(1) == 1 and b.stride(0) == n * b.stride(2) and whole_n:  # [E, N, K] storage
         view, k_contig = b.as_strided((e * n, k), (b.stride(2), 1)), True
-    elif b.stride(2) == 1 and b.stride(0) == k * b.stride(1) and k % BLOCK_K == 0:  # [E, K, N] storage
-        view, k_contig = b.as_strided((e * k, n), (b.stride(1), 1)), False
+    elif b.stride(2) == 1 and b.stride(0) == k * b.stride(1) and k % BLOCK_K == 0 and (whole_n or not gated):
+        view, k_contig = b.as_strided((e * k, n), (b.stride(1), 1)), False  # [E, K, N] storage
     else:
         return None
     return (view, k_contig) if tma_reads(view) else None
@@ -99,15 +118,29 @@ if gluon is not None:
         return row_begin + pid_m * BM, pid_n
 
     @gluon.jit
-    def _load(a_desc, b_desc, bars, a_bufs, b_bufs, produced, off_m, b_row, off_n, k, pred,
-              STAGES: gl.constexpr, K_CONTIG: gl.constexpr, BK: gl.constexpr):  # fmt: skip
-        s = produced % STAGES
-        mbarrier.expect(bars.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes, pred=pred)
-        _tma_load(a_desc, [off_m, k * BK], bars.index(s), a_bufs.index(s), pred)
+    def _load_weight(b_desc, bar, buf, b_row, n, k, pred, K_CONTIG: gl.constexpr, BK: gl.constexpr):
+        """B's tile at columns ``n`` of the product, k-step ``k``, from either storage order."""
         if K_CONTIG:
-            _tma_load(b_desc, [b_row + off_n, k * BK], bars.index(s), b_bufs.index(s), pred)
+            _tma_load(b_desc, [b_row + n, k * BK], bar, buf, pred)
         else:
-            _tma_load(b_desc, [b_row + k * BK, off_n], bars.index(s), b_bufs.index(s), pred)
+            _tma_load(b_desc, [b_row + k * BK, n], bar, buf, pred)
+
+    @gluon.jit
+    def _load(a_desc, b_desc, bars, a_bufs, b_bufs, produced, off_m, b_row, off_n, N, k, pred,
+              STAGES: gl.constexpr, K_CONTIG: gl.constexpr, GATED: gl.constexpr, BK: gl.constexpr):  # fmt: skip
+        """k-step ``k``'s tiles into stage ``produced % STAGES``: A's and B's; gated, B's gate tile and its up tile
+        (N columns further on) into the two halves of the stage's B buffer, so that one wgmma covers both."""
+        s = produced % STAGES
+        mbarrier.expect(bars.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes * (1 + GATED), pred=pred)
+        _tma_load(a_desc, [off_m, k * BK], bars.index(s), a_bufs.index(s), pred)
+        if GATED:
+            BN: gl.constexpr = b_desc.block_type.shape[0 if K_CONTIG else 1]
+            dim: gl.constexpr = 0 if K_CONTIG else 1
+            _load_weight(b_desc, bars.index(s), b_bufs.index(s).slice(0, BN, dim), b_row, off_n, k, pred, K_CONTIG, BK)
+            _load_weight(b_desc, bars.index(s), b_bufs.index(s).slice(BN, BN, dim), b_row, N + off_n, k, pred,
+                         K_CONTIG, BK)  # fmt: skip
+        else:
+            _load_weight(b_desc, bars.index(s), b_bufs.index(s), b_row, off_n, k, pred, K_CONTIG, BK)
 
     @gluon.jit
     def _mma(a_bufs, b_bufs, bars, acc, consumed, use_acc, STAGES: gl.constexpr, K_CONTIG: gl.constexpr):
@@ -129,16 +162,24 @@ if gluon is not None:
         gl.store(c_ptr + rows.to(gl.int64)[:, None] * stride_cm + cols[None, :], tile, mask=mask)
 
     @gluon.jit
-    def grouped_gemm_kernel(a_desc, b_desc, c_desc, c_ptr, stride_cm, offsets_ptr, M, N, K, E,
-                            K_CONTIG: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr,
-                            num_warps: gl.constexpr):  # fmt: skip
+    def _tma_store_tile(desc, c_smem, tile, off_m, off_n):
+        """An output tile that lies within its group, by TMA through ``c_smem`` (free: the caller waited)."""
+        c_smem.store(tile)
+        fence_async_shared()
+        _tma_store(desc, [off_m, off_n], c_smem)
+
+    @gluon.jit
+    def grouped_gemm_kernel(a_desc, b_desc, c_desc, h_desc, c_ptr, stride_cm, h_ptr, stride_hm, offsets_ptr,
+                            M, N, K, E, K_CONTIG: gl.constexpr, GATED: gl.constexpr, ACTIVATION: gl.constexpr,
+                            STAGES: gl.constexpr, GROUP: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
         BM: gl.constexpr = c_desc.block_type.shape[0]
         BN: gl.constexpr = c_desc.block_type.shape[1]
         BK: gl.constexpr = a_desc.block_type.shape[1]
         LEAD: gl.constexpr = STAGES - 2  # loads in flight ahead of the wgmma
         dtype: gl.constexpr = a_desc.dtype
+        ACC_N: gl.constexpr = BN * (1 + GATED)  # gated: the gate tile's columns, then the up tile's
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BN, 16]
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, ACC_N, 16]
         )
         store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
 
@@ -155,8 +196,13 @@ if gluon is not None:
         my_tiles = gl.cdiv(total - pid, programs)
 
         a_bufs = gl.allocate_shared_memory(dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
-        b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
-        c_smem = gl.allocate_shared_memory(dtype, c_desc.block_type.shape, c_desc.layout)
+        if K_CONTIG:
+            b_block: gl.constexpr = [ACC_N, BK]
+        else:
+            b_block: gl.constexpr = [BK, ACC_N]
+        b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + b_block, b_desc.layout)
+        # Gated: two output buffers, gate and up leave together, then h.
+        c_smem = gl.allocate_shared_memory(dtype, [1 + GATED] + c_desc.block_type.shape, c_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
@@ -171,19 +217,19 @@ if gluon is not None:
             t, e, first, row_begin, row_end, group_tiles, offsets_ptr, E, BM, num_n
         )
         off_m, pid_n = _tile_origin(t, first, row_begin, row_end, num_n, BM, GROUP)
-        b_row = e * N if K_CONTIG else e * K
+        b_row = e * (1 + GATED) * N if K_CONTIG else e * K
         produced = 0
         consumed = 0
         for j in gl.static_range(LEAD):
-            _load(a_desc, b_desc, bars, a_bufs, b_bufs, produced, off_m, b_row, pid_n * BN, j, my_tiles > 0,
-                  STAGES, K_CONTIG, BK)  # fmt: skip
+            _load(a_desc, b_desc, bars, a_bufs, b_bufs, produced, off_m, b_row, pid_n * BN, N, j,
+                  my_tiles > 0, STAGES, K_CONTIG, GATED, BK)  # fmt: skip
             produced += 1
 
-        acc = gl.zeros((BM, BN), dtype=gl.float32, layout=acc_layout)
+        acc = gl.zeros((BM, ACC_N), dtype=gl.float32, layout=acc_layout)
         for i in range(my_tiles):
             for k in range(kt - LEAD):
-                _load(a_desc, b_desc, bars, a_bufs, b_bufs, produced, off_m, b_row, pid_n * BN, k + LEAD, True,
-                      STAGES, K_CONTIG, BK)  # fmt: skip
+                _load(a_desc, b_desc, bars, a_bufs, b_bufs, produced, off_m, b_row, pid_n * BN, N, k + LEAD,
+                      True, STAGES, K_CONTIG, GATED, BK)  # fmt: skip
                 produced += 1
                 acc = _mma(a_bufs, b_bufs, bars, acc, consumed, k > 0, STAGES, K_CONTIG)
                 consumed += 1
@@ -193,78 +239,125 @@ if gluon is not None:
                 n_t, e, first, row_begin, row_end, group_tiles, offsets_ptr, E, BM, num_n
             )
             n_off_m, n_pid_n = _tile_origin(n_t, n_first, n_row_begin, n_row_end, num_n, BM, GROUP)
-            n_b_row = n_e * N if K_CONTIG else n_e * K
+            n_b_row = n_e * (1 + GATED) * N if K_CONTIG else n_e * K
             for j in gl.static_range(LEAD):
-                _load(a_desc, b_desc, bars, a_bufs, b_bufs, produced, n_off_m, n_b_row, n_pid_n * BN, j,
-                      i + 1 < my_tiles, STAGES, K_CONTIG, BK)  # fmt: skip
+                _load(a_desc, b_desc, bars, a_bufs, b_bufs, produced, n_off_m, n_b_row, n_pid_n * BN, N, j,
+                      i + 1 < my_tiles, STAGES, K_CONTIG, GATED, BK)  # fmt: skip
                 produced += 1
                 acc = _mma(a_bufs, b_bufs, bars, acc, consumed, kt - LEAD + j > 0, STAGES, K_CONTIG)
                 consumed += 1
+            off_n = pid_n * BN
+            full = off_m + BM <= row_end
+            if full:
+                tma.store_wait(pendings=0)  # the previous tile's stores have left c_smem
             acc = warpgroup_mma_wait(0, (acc,))
-            out = acc.to(dtype)
-            if off_m + BM <= row_end:
-                tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
-                c_smem.store(out)
-                fence_async_shared()
-                _tma_store(c_desc, [off_m, pid_n * BN], c_smem)
+            if GATED:
+                # preact rounded to the output dtype, and h from the rounded values (as the reference does). Each
+                # thread holds column j of both halves: the split moves no data.
+                gate, up = acc.reshape([BM, 2, BN]).permute((0, 2, 1)).split()
+                gate = gate.to(dtype)
+                up = up.to(dtype)
+                h = (activation(gate.to(gl.float32), ACTIVATION) * up.to(gl.float32)).to(dtype)
+                if full:
+                    _tma_store_tile(c_desc, c_smem.index(0), gate, off_m, off_n)
+                    _tma_store_tile(c_desc, c_smem.index(1), up, off_m, N + off_n)
+                    tma.store_wait(pendings=1)  # the gate tile has left its buffer
+                    _tma_store_tile(h_desc, c_smem.index(0), h, off_m, off_n)
+                else:
+                    _store_masked(c_ptr, stride_cm, gate, off_m, off_n, row_end, N, BM, BN, store_layout)
+                    _store_masked(c_ptr + N, stride_cm, up, off_m, off_n, row_end, N, BM, BN, store_layout)
+                    _store_masked(h_ptr, stride_hm, h, off_m, off_n, row_end, N, BM, BN, store_layout)
             else:
-                _store_masked(c_ptr, stride_cm, out, off_m, pid_n * BN, row_end, N, BM, BN, store_layout)
+                out = acc.to(dtype)
+                if full:
+                    _tma_store_tile(c_desc, c_smem.index(0), out, off_m, off_n)
+                else:
+                    _store_masked(c_ptr, stride_cm, out, off_m, off_n, row_end, N, BM, BN, store_layout)
             t, e, first, row_begin, row_end, group_tiles = n_t, n_e, n_first, n_row_begin, n_row_end, n_group_tiles
             off_m, pid_n, b_row = n_off_m, n_pid_n, n_b_row
         tma.store_wait(pendings=0)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 
-        # Rows routed to no expert: zeros.
+        # Rows routed to no expert: zeros (preact's both halves and h when gated).
         routed = gl.load(offsets_ptr + E - 1)
         zeros = gl.zeros((BM, BN), dtype=dtype, layout=store_layout)
         for blk in range(pid, gl.cdiv(M - routed, BM) * num_n, programs):
-            _store_masked(c_ptr, stride_cm, zeros, routed + (blk // num_n) * BM, (blk % num_n) * BN, M, N, BM, BN,
-                          store_layout)  # fmt: skip
+            off_m = routed + (blk // num_n) * BM
+            off_n = (blk % num_n) * BN
+            _store_masked(c_ptr, stride_cm, zeros, off_m, off_n, M, N, BM, BN, store_layout)
+            if GATED:
+                _store_masked(c_ptr + N, stride_cm, zeros, off_m, off_n, M, N, BM, BN, store_layout)
+                _store_masked(h_ptr, stride_hm, zeros, off_m, off_n, M, N, BM, BN, store_layout)
 
 
-def grouped_gemm(a: torch.Tensor, offsets: torch.Tensor, weight: tuple[torch.Tensor, bool], c: torch.Tensor) -> None:
+def grouped_gemm(
+    a: torch.Tensor,
+    offsets: torch.Tensor,
+    weight: tuple[torch.Tensor, bool],
+    c: torch.Tensor,
+    h: torch.Tensor | None = None,
+    activation: str = "silu",
+) -> None:
     """``c[r] = a[r] @ b[e(r)]`` over the groups of ``offsets`` (int32 group ends), rows past ``offsets[-1]``
-    zeroed; a [M, K], ``weight`` = ``weight_operand(a, b, c)``, c [M, N], written in place."""
+    zeroed; a [M, K], ``weight`` = ``weight_operand(a, b, c, h)``, c [M, N'], written in place. ``h`` given: the
+    gated product, ``h = act(gate) * up`` from c's two halves (each rounded to c's dtype first)."""
     (m, k), n = a.shape, c.shape[1]
     if m == 0 or n == 0:
         return
     view, k_contig = weight
+    gated = h is not None
+    block_n = BLOCK_N[gated]
     dtype = gl.bfloat16 if a.dtype == torch.bfloat16 else gl.float16
-    b_block = [BLOCK_N, BLOCK_K] if k_contig else [BLOCK_K, BLOCK_N]
+    b_block = [block_n, BLOCK_K] if k_contig else [BLOCK_K, block_n]
 
     def descriptor(t, block):
         return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
 
+    c_desc = descriptor(c, [BLOCK_M, block_n])
     programs = num_programs(a.device)
     grouped_gemm_kernel[(programs,)](
-        descriptor(a, [BLOCK_M, BLOCK_K]), descriptor(view, b_block), descriptor(c, [BLOCK_M, BLOCK_N]),
-        c, c.stride(0), offsets, m, n, k, offsets.shape[0],
-        K_CONTIG=k_contig, STAGES=STAGES, GROUP=GROUP, num_warps=NUM_WARPS,
+        descriptor(a, [BLOCK_M, BLOCK_K]), descriptor(view, b_block), c_desc,
+        descriptor(h, [BLOCK_M, block_n]) if gated else c_desc, c, c.stride(0), h if gated else c,
+        h.stride(0) if gated else 0, offsets, m, n // 2 if gated else n, k, offsets.shape[0],
+        K_CONTIG=k_contig, GATED=gated, ACTIVATION=activation, STAGES=STAGES, GROUP=GROUP, num_warps=NUM_WARPS,
     )  # fmt: skip
 
 
 if __name__ == "__main__":
-    # Check + benchmark against the Triton kernel and CUTLASS on the fine-grained down projection.
+    # Check + benchmark against the Triton kernel and CUTLASS on the fine-grained layer's down projection, and
+    # against the Triton kernel on its gated gate_up forward (CUTLASS has no activation epilogue).
     from prmc.kernels import grouped_gemm as triton_gemm
+    from prmc.kernels import reference
     from prmc.kernels.check import random_routing, rel_err
 
     tokens, hidden, inter, experts, top_k = 8192, 2048, 768, 128, 8
-    _, _, offsets = random_routing(tokens, experts, top_k, "cuda")
-    h = torch.randn(tokens * top_k, inter, device="cuda", dtype=torch.bfloat16)
+    order, _, offsets = random_routing(tokens, experts, top_k, "cuda")
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    x_rows = x[order // top_k]
+    w_gate_up = torch.randn(experts, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16) / hidden**0.5
+    h_ref, preact_ref = reference.expert_gate_up(x, order, top_k, offsets, w_gate_up, "silu", True)
     w_down = torch.randn(experts, hidden, inter, device="cuda", dtype=torch.bfloat16) / inter**0.5
     b = w_down.transpose(1, 2)
-    ref = torch._grouped_mm(h, b, offs=offsets)
-    weight = weight_operand(h, b, ref)
-    assert weight is not None
+    ref = torch._grouped_mm(h_ref, b, offs=offsets)
+    weight = weight_operand(h_ref, b, ref)
+    h, preact = torch.empty_like(h_ref), torch.empty_like(preact_ref)
+    gate_up_b = w_gate_up.transpose(1, 2)
+    gate_up_weight = weight_operand(x_rows, gate_up_b, preact, h)
+    assert weight is not None and gate_up_weight is not None
     runs = {
-        "gluon": lambda c: grouped_gemm(h, offsets, weight, c),
-        "triton": lambda c: triton_gemm.grouped_gemm("store", h, offsets, b, c, n=hidden),
-        "cutlass": lambda c: c.copy_(torch._grouped_mm(h, b, offs=offsets)),
-    }
+        "down fwd gluon": lambda c: grouped_gemm(h_ref, offsets, weight, c),
+        "down fwd triton": lambda c: triton_gemm.grouped_gemm("store", h_ref, offsets, b, c, n=hidden),
+        "down fwd cutlass": lambda c: c.copy_(torch._grouped_mm(h_ref, b, offs=offsets)),
+        "gate_up fwd gluon": lambda c: grouped_gemm(x_rows, offsets, gate_up_weight, c, h),
+        "gate_up fwd triton": lambda c: triton_gemm.grouped_gemm("gate_up", x_rows, offsets, gate_up_b, c, n=inter, h=h, gated=True),
+    }  # fmt: skip
     for name, run in runs.items():
-        c = torch.full_like(ref, float("nan"))
+        gate_up = name.startswith("gate_up")
+        c = torch.full_like(preact_ref if gate_up else ref, float("nan"))
+        h.fill_(float("nan"))
         run(c)
+        errors = f"preact {rel_err(c, preact_ref):.1e} h {rel_err(h, h_ref):.1e}" if gate_up else f"{rel_err(c, ref):.1e}"
         ms = triton.testing.do_bench(lambda: run(c), warmup=200, rep=300)
-        tflops = 2 * h.shape[0] * inter * hidden / ms / 1e9
-        print(f"down fwd {name:8s} {ms:.3f} ms {tflops:.0f} TFLOP/s  rel err {rel_err(c, ref):.1e}")
+        tflops = 2 * h.shape[0] * inter * hidden * (2 if gate_up else 1) / ms / 1e9
+        print(f"{name:20s} {ms:.3f} ms {tflops:.0f} TFLOP/s  rel err {errors}")

@@ -6,7 +6,8 @@ tensors with ``TRITON_INTERPRET=1``.
 
 ====================  =======================================================================================
 op                    kernels ("store"/"gate_up": grouped_gemm, through TMA where the GPU and layouts allow;
-                      "store" runs the Gluon gluon_gemm instead where gluon_gemm.weight_operand says (Hopper, bf16/fp16);
+                      "store" and gated "gate_up" run the Gluon gluon_gemm instead where gluon_gemm.weight_operand
+                      says (Hopper, bf16/fp16);
                       "weight grad": CUTLASS's ``torch._grouped_mm`` where cutlass.takes (Hopper, bf16), else
                       the Triton weight_grad, through TMA where it can)
 ====================  =======================================================================================
@@ -58,25 +59,33 @@ def _routed_rows(t: Tensor, rows: Tensor) -> tuple[Tensor, Tensor | None]:
     return t, rows
 
 
-def _store_product(a: Tensor, offsets: Tensor, b: Tensor, c: Tensor, a_rows: Tensor | None = None) -> None:
-    """``c[r] = a[a_rows[r]] @ b[e(r)]`` in place (rows past ``offsets[-1]`` zero). On Hopper in bf16/fp16 the
-    Gluon kernel, pipelined across tiles, where it takes the layouts (4-9% faster than the Triton kernel on the
-    fine-grained products, level on Mixtral's: benchmarks/KERNELS_NOTES.md, v10); elsewhere the Triton kernel,
-    through TMA where the GPU has it (within 2% of CUTLASS or faster, v7), else on pointer loads."""
-    weight = gluon_gemm.weight_operand(a, b, c) if a_rows is None else None
+def _row_product(
+    a: Tensor, offsets: Tensor, b: Tensor, c: Tensor, a_rows: Tensor | None = None, h: Tensor | None = None,
+    activation: str = "silu", gated: bool = False,
+) -> None:
+    """``c[r] = a[a_rows[r]] @ b[e(r)]`` in place (rows past ``offsets[-1]`` zero); ``h`` given, the gate_up
+    epilogue: c is preact and ``h = act(gate) * up`` (``act(preact)`` ungated). On Hopper in bf16/fp16 the Gluon
+    kernel, pipelined across tiles, where it takes the layouts (the store products 4-9% faster than the Triton
+    kernel on the fine-grained layers, level on Mixtral's: benchmarks/KERNELS_NOTES.md, v10; it has no ungated
+    activation); elsewhere the Triton kernel, through TMA where the GPU has it (within 2% of CUTLASS or faster,
+    v7), else on pointer loads."""
+    gluon_takes = a_rows is None and (h is None or gated)
+    weight = gluon_gemm.weight_operand(a, b, c, h) if gluon_takes else None
     if weight is not None:
-        gluon_gemm.grouped_gemm(a, offsets, weight, c)
-    else:
+        gluon_gemm.grouped_gemm(a, offsets, weight, c, h, activation)
+    elif h is None:
         grouped_gemm("store", a, offsets, b, c, n=b.shape[2], a_rows=a_rows)
+    else:
+        grouped_gemm("gate_up", a, offsets, b, c, n=h.shape[1], a_rows=a_rows, h=h, activation=activation, gated=gated)
 
 
 def _per_row_product(a: Tensor, offsets: Tensor, b: Tensor, bounds: list[int] | None = None) -> Tensor:
-    """``a[r] @ b[e(r)]`` for every routed row r: [M, N] (rows past ``offsets[-1]`` zero; _store_product).
+    """``a[r] @ b[e(r)]`` for every routed row r: [M, N] (rows past ``offsets[-1]`` zero; _row_product).
     ``bounds`` (the group bounds on the host): one cuBLAS mm per expert instead (prmc.kernels.cublas)."""
     if bounds is not None:
         return cublas.row_mm(a, b, bounds)
     c = a.new_empty(a.shape[0], b.shape[2])
-    _store_product(a, offsets, b, c)
+    _row_product(a, offsets, b, c)
     return c
 
 
@@ -118,10 +127,7 @@ def experts(
     h = x.new_empty(m, inter)
     preact = x.new_empty(m, f)
     a, a_rows = _routed_rows(x, order // top_k)  # a copy of x[rows] lives until the GEMM is done
-    grouped_gemm(
-        "gate_up", a, offsets, w_gate_up.transpose(1, 2), preact,
-        n=inter, a_rows=a_rows, h=h, activation=activation, gated=gated,
-    )  # fmt: skip
+    _row_product(a, offsets, w_gate_up.transpose(1, 2), preact, a_rows, h, activation, gated)
     del a
     y = _per_row_product(h, offsets, w_down.transpose(1, 2))
     del h  # freed before the combine allocates: the backward recomputes h from preact (mlp_grad_rows)
@@ -154,7 +160,7 @@ def experts_backward(
     # copy of grad_out[rows] serves this product and the weight gradient.
     grad_out_rows, grad_out_index = _routed_rows(grad_out, rows)
     g = grad_out.new_empty(rows.shape[0], w_down.shape[2])
-    _store_product(grad_out_rows, offsets, w_down, g, a_rows=grad_out_index)
+    _row_product(grad_out_rows, offsets, w_down, g, a_rows=grad_out_index)
     dpre, grad_scale, hs = mlp_grad_rows(g, preact, offsets, scale, order, activation, gated)
     del g
     if grad_preact is not None:  # preact used beyond h: never by the lowering
