@@ -15,7 +15,7 @@ import time
 import torch
 
 import prmc  # noqa: F401  (registers torch.ops.prmc.* and their CUDA kernels)
-from prmc.kernels import cublas, gluon_gemm, reference
+from prmc.kernels import gluon_gemm, reference
 from prmc.kernels.check import Case, check_case, rel_err
 
 # bf16 operands: the reference op itself, run in bf16, lands near 3e-3 (preact and h are rounded).
@@ -28,9 +28,11 @@ CASES = {
     "odd fp16 gelu_tanh ungated, transposed": Case(1000, 1000, 700, 10, 3, dtype=torch.float16, activation="gelu_tanh", gated=False, transposed_weights=True),
     "fp32 gelu transposed": Case(1024, 1024, 512, 16, 4, activation="gelu", transposed_weights=True),
     "one group bf16 relu": Case(4096, 1024, 512, 8, 1, dtype=torch.bfloat16, activation="relu", hot=1),
+    # the Gluon kernel in fp16 on all four row products
+    "fp16 silu, 16 experts": Case(2048, 1024, 512, 16, 4, dtype=torch.float16),
     # the gated Gluon forward on weights stored [E, H, F] (columns contiguous), partial tiles
     "bf16 gelu_tanh transposed, 1000 tokens": Case(1000, 1024, 384, 12, 2, dtype=torch.bfloat16, activation="gelu_tanh", transposed_weights=True),
-    # 4 experts of ~2048 rows (expert 0 empty): grad_x's product and grad_w_gate_up on cuBLAS per expert
+    # 4 experts of ~2048 rows (expert 0 empty): grad_w_gate_up on cuBLAS per expert
     "few large experts bf16, empty + unrouted": Case(4096, 2048, 2816, 4, 2, dtype=torch.bfloat16, hot=1, unrouted=777),
 }  # fmt: skip
 
@@ -82,7 +84,7 @@ def gluon_products(case: Case) -> int:
     (gluon_gemm.weight_operand): on Hopper in 16 bits, each product whose weight view no tile can leave an expert
     in (columns whole tiles of 256, or 128 per half when gated, where K is contiguous; K whole steps of 64 where
     the columns are): down fwd (W_down.T), grad_h (W_down), the gated gate_up forward (W_gate_up.T) and grad_x
-    (W_gate_up) unless cuBLAS per expert runs it (cublas.takes: few large experts, bf16)."""
+    (W_gate_up)."""
     if torch.cuda.get_device_capability() != (9, 0) or gluon_gemm.gluon is None or case.dtype == torch.float32:
         return 0
     h, i, f = case.hidden, case.inter, case.inter * (2 if case.gated else 1)
@@ -90,12 +92,7 @@ def gluon_products(case: Case) -> int:
         down_fwd, grad_h, gate_up, grad_x = i % 64 == 0, i % 256 == 0, h % 64 == 0 and i % 128 == 0, h % 256 == 0
     else:  # storage [E, H, I] and [E, F, H]
         down_fwd, grad_h, gate_up, grad_x = h % 256 == 0, h % 64 == 0, i % 128 == 0, f % 64 == 0
-    per_expert = (
-        case.dtype == torch.bfloat16
-        and case.experts <= cublas.MAX_GROUPS
-        and case.tokens * case.top_k >= cublas.MIN_ROWS_PER_GROUP * case.experts
-    )  # fmt: skip
-    return 2 * (down_fwd + grad_h + (gate_up and case.gated) + (grad_x and not per_expert))
+    return 2 * (down_fwd + grad_h + (gate_up and case.gated) + grad_x)
 
 
 def main(only: list[str]) -> int:

@@ -272,9 +272,6 @@ def breakdown(name, tokens, device) -> None:
             return [triton_choice]
         return [(f"{product} (Gluon{kind})", (lambda: gluon_gemm.grouped_gemm(a, offsets, weight, c, h), flops)), triton_choice]
 
-    grad_x_choices = row_choices("gate_up grad_x", dpre, w_gate_up, y, 2 * gemm)
-    per_expert = ("gate_up grad_x (cuBLAS per expert)", (lambda: cublas.row_mm(dpre, w_gate_up, bounds), 2 * gemm))
-    grad_x_choices = [per_expert, *grad_x_choices] if few_large else [*grad_x_choices, per_expert]
     grad_w = [
         ("gate_up grad_w (CUTLASS)", (lambda: cutlass.k_grouped_mm(dpre, x_rows, offsets), 2 * gemm)),
         ("gate_up grad_w (cuBLAS per expert)", (lambda: cublas.k_mm(dpre, x_rows, bounds), 2 * gemm)),
@@ -296,7 +293,7 @@ def breakdown(name, tokens, device) -> None:
         "down grad_w (CUTLASS)": (lambda: cutlass.k_grouped_mm(grad_out_rows, hs, offsets), gemm),
         "  alt down grad_w (Triton TMA)": (lambda: weight_grad(grad_out_rows, hs, offsets, grad_w_down), gemm),
         "  alt down grad_w (Triton, gather on load)": (lambda: weight_grad(grad_out, hs, offsets, grad_w_down, left_rows=rows), gemm),
-        **ranked(*grad_x_choices),
+        **ranked(*row_choices("gate_up grad_x", dpre, w_gate_up, y, 2 * gemm)),
         "  alt grad_x (CUTLASS)": (lambda: cutlass.row_grouped_mm(dpre, w_gate_up, offsets), 2 * gemm),
         "gate_up grad_x combine": (lambda: combine_rows(y, inverse, top_k, offsets), 0),
         "gather x rows": (lambda: gather_rows(x, rows), 0),

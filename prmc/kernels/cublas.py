@@ -1,29 +1,32 @@
-"""cuBLAS, one ``torch.mm`` per expert, for the two products where a few large experts make it the fastest.
+"""cuBLAS, one ``torch.mm`` per expert, for gate_up's weight gradient where a few large experts make it the fastest.
 
 With few experts, each holding thousands of rows (Mixtral 8x7B: 8 experts, ~2048 rows each at 8192 tokens and
-top-2), every expert's product is a large dense GEMM. There cuBLAS ran two of the layer's six products faster
-than both CUTLASS's grouped kernel and ours (H200, bf16, ms, two timings each, benchmarks/results/
-cublas_per_expert_probe_v9.log; benchmarks/KERNELS_NOTES.md, v9):
+top-2), every expert's product is a large dense GEMM. There cuBLAS ran gate_up's weight gradient faster than
+CUTLASS's K-grouped kernel (H200, bf16, ms; v9: benchmarks/results/cublas_per_expert_probe_v9.log, v11:
+moe_layer_breakdown_v11.log; benchmarks/KERNELS_NOTES.md):
 
-==================  ==================  ===================================
-product             cuBLAS per expert   grouped (what runs otherwise)
-==================  ==================  ===================================
-gate_up grad_w      6.06 / 6.25         6.47 / 6.41 (CUTLASS K-grouped)
-gate_up grad_x      5.91 / 5.71         6.23 / 5.95 (Triton, through TMA)
+==================  ==================  ===================================================
+product             cuBLAS per expert   grouped
+==================  ==================  ===================================================
+gate_up grad_w      6.06 / 6.25 / 6.15  6.47 / 6.41 / 6.40 (CUTLASS K-grouped)
+gate_up grad_x      5.91 / 5.71 / 5.83  6.23 / 5.95 (Triton, v9); 5.63 / 5.57 (Gluon, v10-v11): grouped since v11
 down grad_w         2.97 / 3.23         2.93 / 2.94 (CUTLASS): kept
-down fwd, grad_h    2.84-3.01           2.93-3.00 (Triton): kept, a tie
-==================  ==================  ===================================
+down fwd, grad_h    2.84-3.01           2.93-3.00 (Triton, v9): kept, a tie
+==================  ==================  ===================================================
 
 With many small experts the loop of launches loses by far: Qwen3-30B-A3B's (128 experts x ~512 rows) weight
 gradients took 2.5-3.5 ms against CUTLASS's 0.42-0.84, DeepSeek-V2-Lite's (64 x ~768) 1.21-1.29 against
 0.55-1.01. Hence the rule in :func:`takes`.
 
-NOTE: host sync. The loop needs the group bounds on the host (``offsets.tolist()``): the CPU waits until the
-GPU has run the work queued so far, then queues the products, so the GPU idles for about one launch. Under
-CUDA graph capture, where a sync is not allowed, the grouped kernels run instead.
+NOTE: host sync. The loop needs the group bounds on the host. :func:`group_bounds_later` copies them to pinned
+memory without blocking when the backward starts; the host waits for that copy alone (an event), once the
+products before gate_up's weight gradient are queued, so the GPU never runs dry. Under CUDA graph capture,
+where a sync is not allowed, the grouped kernels run instead.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -36,8 +39,8 @@ MIN_ROWS_PER_GROUP = 1024
 
 
 def takes(offsets: Tensor, rows: int, *tensors: Tensor) -> bool:
-    """Whether the layer's gate_up grad_w and grad_x go to cuBLAS: few groups of many rows on average, the
-    operands CUTLASS would take (Hopper, bf16: where it was measured), and no CUDA graph being captured."""
+    """Whether the layer's gate_up grad_w goes to cuBLAS: few groups of many rows on average, the operands CUTLASS
+    would take (Hopper, bf16: where it was measured), and no CUDA graph being captured."""
     groups = offsets.shape[0]
     return (
         groups <= MAX_GROUPS
@@ -48,17 +51,26 @@ def takes(offsets: Tensor, rows: int, *tensors: Tensor) -> bool:
 
 
 def group_bounds(offsets: Tensor) -> list[int]:
-    """``[0, end_0, ..., end_{E-1}]`` on the host. NOTE: host sync (see the module's docstring)."""
+    """``[0, end_0, ..., end_{E-1}]`` on the host. NOTE: host sync: waits for all the work queued so far."""
     return [0, *offsets.tolist()]
 
 
-def row_mm(a: Tensor, b: Tensor, bounds: list[int]) -> Tensor:
-    """``a[r] @ b[e(r)]``: a [M, K], b [E, K, N] (any strides) -> [M, N]; rows past ``bounds[-1]`` zero."""
-    out = a.new_empty(a.shape[0], b.shape[2])
-    for e in range(b.shape[0]):
-        torch.mm(a[bounds[e] : bounds[e + 1]], b[e], out=out[bounds[e] : bounds[e + 1]])
-    out[bounds[-1] :].zero_()
-    return out
+def group_bounds_later(offsets: Tensor) -> Callable[[], list[int]]:
+    """:func:`group_bounds`, copied now without blocking; the function returned waits for that copy only (not for
+    the work queued after it) and gives the bounds. NOTE: host sync on the copy (see the module's docstring)."""
+    if not offsets.is_cuda:
+        bounds = group_bounds(offsets)
+        return lambda: bounds
+    host = torch.empty(offsets.shape, dtype=offsets.dtype, pin_memory=True)
+    host.copy_(offsets, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> list[int]:
+        copied.synchronize()
+        return [0, *host.tolist()]
+
+    return wait
 
 
 def k_mm(left: Tensor, right: Tensor, bounds: list[int]) -> Tensor:

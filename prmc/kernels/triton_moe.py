@@ -22,7 +22,7 @@ experts_backward      g = grad_out[rows] @ W_down per routed row ("store" on gat
                       the same copy); grad_x = combine_rows("store": d preact @ W_gate_up);
                       grad_W_gate_up = d preact.T @ x[rows] (weight grad, on gather_rows' copy where TMA reads
                       it, else gathering on load). With a few large experts (cublas.takes: Mixtral-class,
-                      Hopper, bf16) grad_x's product and grad_W_gate_up are one cuBLAS mm per expert
+                      Hopper, bf16) grad_W_gate_up is one cuBLAS mm per expert
 ====================  =======================================================================================
 
 Inputs outside what the kernels take (fp64, mixed dtypes, indices not int64/int32) fall back to the
@@ -79,11 +79,8 @@ def _row_product(
         grouped_gemm("gate_up", a, offsets, b, c, n=h.shape[1], a_rows=a_rows, h=h, activation=activation, gated=gated)
 
 
-def _per_row_product(a: Tensor, offsets: Tensor, b: Tensor, bounds: list[int] | None = None) -> Tensor:
-    """``a[r] @ b[e(r)]`` for every routed row r: [M, N] (rows past ``offsets[-1]`` zero; _row_product).
-    ``bounds`` (the group bounds on the host): one cuBLAS mm per expert instead (prmc.kernels.cublas)."""
-    if bounds is not None:
-        return cublas.row_mm(a, b, bounds)
+def _per_row_product(a: Tensor, offsets: Tensor, b: Tensor) -> Tensor:
+    """``a[r] @ b[e(r)]`` for every routed row r: [M, N] (rows past ``offsets[-1]`` zero; _row_product)."""
     c = a.new_empty(a.shape[0], b.shape[2])
     _row_product(a, offsets, b, c)
     return c
@@ -156,6 +153,11 @@ def experts_backward(
     offsets, rows = offsets.int(), order // top_k
     scale = scale.contiguous() if scale is not None else None
     preact = preact.contiguous()
+    # NOTE: host sync where cuBLAS runs grad_W_gate_up (few large experts, cublas.takes; d preact will have preact's
+    # dtype and layout): the group bounds go to the host now, and are waited for once the products before it are
+    # queued, so that the GPU has those to run while the host waits.
+    per_expert = cublas.takes(offsets, rows.shape[0], preact, x, w_gate_up)
+    bounds_later = cublas.group_bounds_later(offsets) if per_expert else None
     # Down projection: g = grad_out[rows] @ W_down[e], the gradient at h before the routing weight. A gathered
     # copy of grad_out[rows] serves this product and the weight gradient.
     grad_out_rows, grad_out_index = _routed_rows(grad_out, rows)
@@ -167,12 +169,11 @@ def experts_backward(
         dpre += grad_preact
     grad_w_down = _weight_grad(grad_out_rows, hs, offsets, w_down.shape, left_rows=grad_out_index)
     del grad_out_rows, hs
-    # Gate/up projection, from d preact. NOTE: host sync where cuBLAS runs the two products (few large experts),
-    # queued after the down projection's gradients so that the GPU has those to run while the host waits.
-    bounds = cublas.group_bounds(offsets) if cublas.takes(offsets, rows.shape[0], dpre, x, w_gate_up) else None
-    grad_x = combine_rows(_per_row_product(dpre, offsets, w_gate_up, bounds), inverse, top_k, offsets)
+    # Gate/up projection, from d preact.
+    grad_x = combine_rows(_per_row_product(dpre, offsets, w_gate_up), inverse, top_k, offsets)
     # x[rows] is gathered again rather than kept from the forward (that would hold T*k*H more memory).
     x_rows, x_index = _routed_rows(x, rows)
+    bounds = bounds_later() if bounds_later is not None else None
     grad_w_gate_up = _weight_grad(dpre, x_rows, offsets, w_gate_up.shape, right_rows=x_index, bounds=bounds)
     return grad_x, grad_w_gate_up, grad_w_down, grad_scale if scale is not None else x.new_empty(0)
 
