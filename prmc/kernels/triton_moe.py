@@ -65,10 +65,10 @@ def _row_product(
 ) -> None:
     """``c[r] = a[a_rows[r]] @ b[e(r)]`` in place (rows past ``offsets[-1]`` zero); ``h`` given, the gate_up
     epilogue: c is preact and ``h = act(gate) * up`` (``act(preact)`` ungated). On Hopper in bf16/fp16 the Gluon
-    kernel, pipelined across tiles, where it takes the layouts (the store products 4-9% faster than the Triton
-    kernel on the fine-grained layers, level on Mixtral's: benchmarks/KERNELS_NOTES.md, v10; it has no ungated
-    activation); elsewhere the Triton kernel, through TMA where the GPU has it (within 2% of CUTLASS or faster,
-    v7), else on pointer loads."""
+    kernel, pipelined across tiles, where it takes the layouts (faster than the Triton kernel: the store products
+    by 4-9% on the fine-grained layers and level on Mixtral's, v10; the gated forward by 1-2%, 2-7% on Mixtral's,
+    v11; benchmarks/KERNELS_NOTES.md; it has no ungated activation); elsewhere the Triton kernel, through TMA
+    where the GPU has it (within 2% of CUTLASS or faster, v7), else on pointer loads."""
     gluon_takes = a_rows is None and (h is None or gated)
     weight = gluon_gemm.weight_operand(a, b, c, h) if gluon_takes else None
     if weight is not None:
