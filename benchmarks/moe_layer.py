@@ -149,6 +149,7 @@ def time_step(step, clock: SMClock, quick: bool):
 def bench_config(name, tokens, device, rounds):
     hidden, inter, experts, top_k, hot = CONFIGS[name]
     gemm_flops = 6 * tokens * top_k * hidden * inter
+    flops = {"fwd": gemm_flops, "fwd+bwd": 3 * gemm_flops}  # the backward's GEMMs: twice the forward's
     torch.manual_seed(0)
     tf_grouped = transformers_experts(hidden, inter, experts, top_k, "grouped_mm").to(device, torch.bfloat16)
     tf_eager = transformers_experts(hidden, inter, experts, top_k, "eager").to(device, torch.bfloat16)
@@ -195,13 +196,11 @@ def bench_config(name, tokens, device, rounds):
             r = results[f"{method}|{mode}"]
             r["ms_rounds"].append(ms)
             r["mhz_rounds"].append(mhz)
-            flops = gemm_flops * (3 if mode == "fwd+bwd" else 1)
-            print(f"  {name:22s} {method:24s} {mode:8s} round {round_}: {ms:8.3f} ms {flops / ms / 1e9:6.0f} TFLOP/s "
+            print(f"  {name:22s} {method:24s} {mode:8s} round {round_}: {ms:8.3f} ms {flops[mode] / ms / 1e9:6.0f} TFLOP/s "
                   f"{r['peak_gb']:6.2f} GB  SM {mhz} MHz", flush=True)  # fmt: skip
     for key, r in results.items():
-        flops = gemm_flops * (3 if key.endswith("fwd+bwd") else 1)
         r["ms"] = statistics.median_high(r["ms_rounds"])
-        r["tflops"] = flops / r["ms"] / 1e9
+        r["tflops"] = flops[key.split("|")[1]] / r["ms"] / 1e9
     return results
 
 

@@ -118,6 +118,18 @@ if gluon is not None:
         return row_begin + pid_m * BM, pid_n
 
     @gluon.jit
+    def _locate(t, e, first, row_begin, row_end, group_tiles, offsets_ptr, E, N, K, num_n, BM: gl.constexpr,
+                GROUP: gl.constexpr, K_CONTIG: gl.constexpr, GATED: gl.constexpr):  # fmt: skip
+        """The group walk moved on to tile t (``_advance``), with t's first row, column block and first row of its
+        expert's matrix in B's 2-D view."""
+        e, first, row_begin, row_end, group_tiles = _advance(
+            t, e, first, row_begin, row_end, group_tiles, offsets_ptr, E, BM, num_n
+        )
+        off_m, pid_n = _tile_origin(t, first, row_begin, row_end, num_n, BM, GROUP)
+        b_row = e * (1 + GATED) * N if K_CONTIG else e * K
+        return e, first, row_begin, row_end, group_tiles, off_m, pid_n, b_row
+
+    @gluon.jit
     def _load_weight(b_desc, bar, buf, b_row, n, k, pred, K_CONTIG: gl.constexpr, BK: gl.constexpr):
         """B's tile at columns ``n`` of the product, k-step ``k``, from either storage order."""
         if K_CONTIG:
@@ -213,11 +225,9 @@ if gluon is not None:
         row_begin = 0
         row_end = gl.load(offsets_ptr)
         group_tiles = gl.cdiv(row_end, BM) * num_n
-        e, first, row_begin, row_end, group_tiles = _advance(
-            t, e, first, row_begin, row_end, group_tiles, offsets_ptr, E, BM, num_n
+        e, first, row_begin, row_end, group_tiles, off_m, pid_n, b_row = _locate(
+            t, e, first, row_begin, row_end, group_tiles, offsets_ptr, E, N, K, num_n, BM, GROUP, K_CONTIG, GATED
         )
-        off_m, pid_n = _tile_origin(t, first, row_begin, row_end, num_n, BM, GROUP)
-        b_row = e * (1 + GATED) * N if K_CONTIG else e * K
         produced = 0
         consumed = 0
         for j in gl.static_range(LEAD):
@@ -235,11 +245,9 @@ if gluon is not None:
                 consumed += 1
             # The next tile's first loads go out under this tile's last k-steps and its epilogue.
             n_t = t + programs
-            n_e, n_first, n_row_begin, n_row_end, n_group_tiles = _advance(
-                n_t, e, first, row_begin, row_end, group_tiles, offsets_ptr, E, BM, num_n
+            n_e, n_first, n_row_begin, n_row_end, n_group_tiles, n_off_m, n_pid_n, n_b_row = _locate(
+                n_t, e, first, row_begin, row_end, group_tiles, offsets_ptr, E, N, K, num_n, BM, GROUP, K_CONTIG, GATED
             )
-            n_off_m, n_pid_n = _tile_origin(n_t, n_first, n_row_begin, n_row_end, num_n, BM, GROUP)
-            n_b_row = n_e * (1 + GATED) * N if K_CONTIG else n_e * K
             for j in gl.static_range(LEAD):
                 _load(a_desc, b_desc, bars, a_bufs, b_bufs, produced, n_off_m, n_b_row, n_pid_n * BN, N, j,
                       i + 1 < my_tiles, STAGES, K_CONTIG, GATED, BK)  # fmt: skip
