@@ -15,7 +15,7 @@ import time
 import torch
 
 import prmc  # noqa: F401  (registers torch.ops.prmc.* and their CUDA kernels)
-from prmc.kernels import gluon_gemm, reference
+from prmc.kernels import gluon_gemm, gluon_weight_grad, reference
 from prmc.kernels.check import Case, check_case, rel_err
 
 # bf16 operands: the reference op itself, run in bf16, lands near 3e-3 (preact and h are rounded).
@@ -32,8 +32,10 @@ CASES = {
     "fp16 silu, 16 experts": Case(2048, 1024, 512, 16, 4, dtype=torch.float16),
     # the gated Gluon forward on weights stored [E, H, F] (columns contiguous), partial tiles
     "bf16 gelu_tanh transposed, 1000 tokens": Case(1000, 1024, 384, 12, 2, dtype=torch.bfloat16, activation="gelu_tanh", transposed_weights=True),
-    # 4 experts of ~2048 rows (expert 0 empty): grad_w_gate_up on cuBLAS per expert
+    # 4 experts of ~2048 rows (expert 0 empty): both weight gradients on the Gluon kernel
     "few large experts bf16, empty + unrouted": Case(4096, 2048, 2816, 4, 2, dtype=torch.bfloat16, hot=1, unrouted=777),
+    # the same with F = 2 * 2776, no whole 128-row tiles: grad_w_gate_up on cuBLAS per expert
+    "few large experts bf16, F not whole tiles": Case(4096, 2048, 2776, 4, 2, dtype=torch.bfloat16, hot=1, unrouted=777),
 }  # fmt: skip
 
 
@@ -95,30 +97,42 @@ def gluon_products(case: Case) -> int:
     return 2 * (down_fwd + grad_h + (gate_up and case.gated) + grad_x)
 
 
+def gluon_weight_grads(case: Case) -> int:
+    """How many weight gradients of the case's two passes must take the Gluon kernel (gluon_weight_grad.takes):
+    on Hopper in 16 bits, each whose gradient's rows are whole 128-row tiles (P: H for W_down, F for W_gate_up)."""
+    if torch.cuda.get_device_capability() != (9, 0) or gluon_gemm.gluon is None or case.dtype == torch.float32:
+        return 0
+    f = case.inter * (2 if case.gated else 1)
+    return 2 * ((case.hidden % 128 == 0) + (f % 128 == 0))
+
+
 def main(only: list[str]) -> int:
     """``only``: run just the cases whose names contain one of these strings (all when empty)."""
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     failed = []
-    launch = gluon_gemm.grouped_gemm
+    launch, launch_k = gluon_gemm.grouped_gemm, gluon_weight_grad.k_grouped_mm
     for name, case in CASES.items():
         if only and not any(part in name for part in only):
             continue
         start = time.perf_counter()
-        ran = []  # the Gluon products of the case
+        ran, ran_k = [], []  # the Gluon row products and weight gradients of the case
         gluon_gemm.grouped_gemm = lambda *args: ran.append(1) or launch(*args)
+        gluon_weight_grad.k_grouped_mm = lambda *args: ran_k.append(1) or launch_k(*args)
         try:
             errors = check_case(case, "cuda")
         finally:
-            gluon_gemm.grouped_gemm = launch
+            gluon_gemm.grouped_gemm, gluon_weight_grad.k_grouped_mm = launch, launch_k
         worst = max(errors, key=errors.get)
         bad = {k: v for k, v in errors.items() if not v <= TOLERANCE[case.dtype]}
         if len(ran) != gluon_products(case):
             bad["gluon products"] = len(ran)
+        if len(ran_k) != gluon_weight_grads(case):
+            bad["gluon weight grads"] = len(ran_k)
         failed += [f"{name}: {k}" for k in bad]
         status = "ok" if not bad else f"FAIL {bad}"
         print(f"{name:42s} worst {worst} {errors[worst]:.2e} ({time.perf_counter() - start:.1f} s, "
-              f"{len(ran)} Gluon products) {status}")  # fmt: skip
+              f"{len(ran)} Gluon products, {len(ran_k)} weight grads) {status}")  # fmt: skip
     failed += check_sort_by_expert()
     errors = check_ops_autograd()
     bad = {k: v for k, v in errors.items() if not v <= TOLERANCE[torch.bfloat16]}

@@ -222,7 +222,7 @@ def breakdown(name, tokens, device) -> None:
     "alt" are other kernels for the product above them (the choice, measured; not in the sum)."""
     import triton
 
-    from prmc.kernels import cublas, cutlass, gluon_gemm
+    from prmc.kernels import cublas, cutlass, gluon_gemm, gluon_weight_grad
     from prmc.kernels.combine import combine_rows
     from prmc.kernels.gather_rows import gather_rows
     from prmc.kernels.grouped_gemm import grouped_gemm, grouped_gemm_kernel
@@ -271,10 +271,20 @@ def breakdown(name, tokens, device) -> None:
             return [triton_choice]
         return [(f"{product} (Gluon{kind})", (lambda: gluon_gemm.grouped_gemm(a, offsets, weight, c, h), flops)), triton_choice]
 
-    grad_w = [
-        ("gate_up grad_w (CUTLASS)", (lambda: cutlass.k_grouped_mm(dpre, x_rows, offsets), 2 * gemm)),
-        ("gate_up grad_w (cuBLAS per expert)", (lambda: cublas.k_mm(dpre, x_rows, bounds), 2 * gemm)),
-    ]
+    def k_choices(product, left, right, shape, flops, per_expert=False):
+        """The Gluon kernel (where it takes the operands), CUTLASS, and with ``per_expert`` cuBLAS per expert for a
+        weight gradient."""
+        choices = [(f"{product} (CUTLASS)", (lambda: cutlass.k_grouped_mm(left, right, offsets), flops))]
+        if per_expert:
+            choices.append((f"{product} (cuBLAS per expert)", (lambda: cublas.k_mm(left, right, bounds), flops)))
+        if gluon_weight_grad.takes(left, right, shape):
+            choices.insert(0, (f"{product} (Gluon)", (lambda: gluon_weight_grad.k_grouped_mm(left, right, offsets), flops)))
+        return choices
+
+    # In the layer's order (experts_backward): with few large experts, gate_up's cuBLAS per expert ahead of CUTLASS.
+    gate_up_grad_w = k_choices("gate_up grad_w", dpre, x_rows, w_gate_up.shape, 2 * gemm, per_expert=few_large)
+    if few_large:
+        gate_up_grad_w.sort(key=lambda choice: "CUTLASS" in choice[0])
     parts = {
         "sort_by_expert": (lambda: torch.ops.prmc.sort_by_expert(ids, experts), 0),
         "gather x rows (fwd)": (lambda: gather_rows(x, rows), 0),
@@ -289,14 +299,14 @@ def breakdown(name, tokens, device) -> None:
         "  alt down grad_h (CUTLASS)": (lambda: cutlass.row_grouped_mm(grad_out_rows, w_down, offsets), gemm),
         "  alt down grad_h (Triton, gather on load)": (lambda: grouped_gemm("store", grad_out, offsets, w_down, g_alt, n=inter, a_rows=rows), gemm),
         "mlp_grad_rows (d preact, grad_scale, scale*h)": (lambda: mlp_grad_rows(g, preact, offsets, scale, order, "silu", True), 0),
-        "down grad_w (CUTLASS)": (lambda: cutlass.k_grouped_mm(grad_out_rows, hs, offsets), gemm),
+        **ranked(*k_choices("down grad_w", grad_out_rows, hs, w_down.shape, gemm)),
         "  alt down grad_w (Triton TMA)": (lambda: weight_grad(grad_out_rows, hs, offsets, grad_w_down), gemm),
         "  alt down grad_w (Triton, gather on load)": (lambda: weight_grad(grad_out, hs, offsets, grad_w_down, left_rows=rows), gemm),
         **ranked(*row_choices("gate_up grad_x", dpre, w_gate_up, y, 2 * gemm)),
         "  alt grad_x (CUTLASS)": (lambda: cutlass.row_grouped_mm(dpre, w_gate_up, offsets), 2 * gemm),
         "gate_up grad_x combine": (lambda: combine_rows(y, inverse, top_k, offsets), 0),
         "gather x rows": (lambda: gather_rows(x, rows), 0),
-        **ranked(*(grad_w[::-1] if few_large else grad_w)),
+        **ranked(*gate_up_grad_w),
         "  alt gate_up grad_w (Triton TMA)": (lambda: weight_grad(dpre, x_rows, offsets, grad_w_gate_up), 2 * gemm),
         "  alt gate_up grad_w (Triton, gather on load)": (lambda: weight_grad(dpre, x, offsets, grad_w_gate_up, right_rows=rows), 2 * gemm),
     }  # fmt: skip

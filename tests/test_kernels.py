@@ -113,44 +113,71 @@ def test_cublas_per_expert_weight_grad(dtype):
     assert rel_err(grad, _k_products(left, a, offsets)) < tolerance and not grad[0].any()
 
 
+def _compile_for_hopper(kernel, signature: dict, constants: dict):
+    """A Gluon kernel compiled for sm90a with the installed Triton (Gluon has no interpreter, so its numbers are
+    checked on the GPU: benchmarks/check_kernels_gpu.py). ``signature``: its arguments' types, where a tensor
+    descriptor is given by (dtype, block)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from prmc.kernels import gluon_gemm as gg
+
+    def descriptor(dtype, block):
+        layout = gg.gl.NVMMASharedLayout.get_default_for(block, getattr(gg.gl, {"bf16": "bfloat16", "fp16": "float16"}[dtype]))
+        return f"tensordesc<{dtype}[{block[0]}, {block[1]}],{layout!r}>"
+
+    signature = {name: descriptor(*kind) if isinstance(kind, tuple) else kind for name, kind in signature.items()}
+    source = GluonASTSource(kernel, {**signature, **{name: "constexpr" for name in constants}}, constants)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=constants["num_warps"]))
+
+
 @pytest.mark.parametrize(
     "k_contig, gated, activation",
     [(k_contig, gated, "silu") for k_contig in (True, False) for gated in (False, True)]
     + [(True, True, activation) for activation in ("gelu", "gelu_tanh", "relu")],
 )
 def test_gluon_gemm_compiles_for_hopper(k_contig, gated, activation):
-    """The Gluon kernel runs only on Hopper, and Gluon has no interpreter, so its numbers are checked on the GPU
-    (benchmarks/check_kernels_gpu.py). Here it is compiled for sm90a with the installed Triton, as the store
-    product and as the gated one (every activation): a Gluon API change fails in CI, not on a user's GPU. Its PTX
-    must hold the TMA copies and 256-wide wgmma products (gated: the gate and up tiles in one), and its shared
-    memory must fit a Hopper multiprocessor."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
+    """The Gluon row-grouped kernel as the store product and as the gated one (every activation): a Gluon API change
+    fails in CI, not on a user's GPU. Its PTX must hold the TMA copies and 256-wide wgmma products (gated: the gate
+    and up tiles in one), and its shared memory must fit a Hopper multiprocessor."""
     from prmc.kernels import gluon_gemm as gg
 
     if gg.gluon is None:
         pytest.skip("this Triton has no Gluon")
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    def descriptor(block):
-        layout = gg.gl.NVMMASharedLayout.get_default_for(block, gg.gl.bfloat16)
-        return f"tensordesc<bf16[{block[0]}, {block[1]}],{layout!r}>"
-
     block_n = gg.BLOCK_N[gated]
     b_block = [block_n, gg.BLOCK_K] if k_contig else [gg.BLOCK_K, block_n]
     constants = dict(K_CONTIG=k_contig, GATED=gated, ACTIVATION=activation, STAGES=gg.STAGES, GROUP=gg.GROUP, num_warps=gg.NUM_WARPS)
-    c_block = descriptor([gg.BLOCK_M, block_n])
+    c_block = ("bf16", [gg.BLOCK_M, block_n])
     signature = dict(
-        a_desc=descriptor([gg.BLOCK_M, gg.BLOCK_K]), b_desc=descriptor(b_block), c_desc=c_block, h_desc=c_block,
+        a_desc=("bf16", [gg.BLOCK_M, gg.BLOCK_K]), b_desc=("bf16", b_block), c_desc=c_block, h_desc=c_block,
         c_ptr="*bf16", stride_cm="i32", h_ptr="*bf16", stride_hm="i32", offsets_ptr="*i32", M="i32", N="i32", K="i32",
-        E="i32", **{name: "constexpr" for name in constants},
+        E="i32",
     )  # fmt: skip
-    source = GluonASTSource(gg.grouped_gemm_kernel, signature, constants)
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=gg.NUM_WARPS))
+    kernel = _compile_for_hopper(gg.grouped_gemm_kernel, signature, constants)
     ptx = kernel.asm["ptx"]
     assert "cp.async.bulk.tensor" in ptx and "wgmma.mma_async.sync.aligned.m64n256k16" in ptx  # gated: both halves
     assert kernel.metadata.shared <= 232448  # bytes of shared memory a Hopper block may have
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_gluon_weight_grad_compiles_for_hopper(dtype):
+    """The Gluon K-grouped weight-gradient kernel, as above: TMA copies, 256-wide wgmma products with the L tile
+    transposed, the last k-step's L tile read into registers transposed (``ldmatrix .trans``) to zero the next
+    group's rows, and shared memory that fits."""
+    from prmc.kernels import gluon_weight_grad as wg
+
+    if wg.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    signature = dict(
+        l_desc=(dtype, [wg.BLOCK_K, wg.BLOCK_P]), r_desc=(dtype, [wg.BLOCK_K, wg.BLOCK_Q]),
+        o_desc=(dtype, [wg.BLOCK_P, wg.BLOCK_Q]), o_ptr=f"*{dtype}", offsets_ptr="*i32", P="i32", Q="i32", E="i32",
+    )  # fmt: skip
+    kernel = _compile_for_hopper(wg.weight_grad_kernel, signature, dict(STAGES=wg.STAGES, GROUP=wg.GROUP, num_warps=wg.NUM_WARPS))
+    ptx = kernel.asm["ptx"]
+    assert "cp.async.bulk.tensor" in ptx and "ldmatrix.sync.aligned.m8n8.x4.trans" in ptx
+    assert f"wgmma.mma_async.sync.aligned.m64n256k16.f32.{dtype[0]}" in ptx
+    assert kernel.metadata.shared <= 232448
 
 
 def check_gather_rows() -> dict[str, float]:

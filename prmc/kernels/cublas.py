@@ -1,18 +1,21 @@
-"""cuBLAS, one ``torch.mm`` per expert, for gate_up's weight gradient where a few large experts make it the fastest.
+"""cuBLAS, one ``torch.mm`` per expert, for gate_up's weight gradient where a few large experts make it the fastest
+of the kernels that fit.
 
 With few experts, each holding thousands of rows (Mixtral 8x7B: 8 experts, ~2048 rows each at 8192 tokens and
 top-2), every expert's product is a large dense GEMM. There cuBLAS ran gate_up's weight gradient faster than
-CUTLASS's K-grouped kernel (H200, bf16, ms; v9: benchmarks/results/cublas_per_expert_probe_v9.log, v11:
-moe_layer_breakdown_v11.log; benchmarks/KERNELS_NOTES.md):
+CUTLASS's K-grouped kernel, but slower than the Gluon K-grouped kernel (:mod:`prmc.kernels.gluon_weight_grad`,
+v12), so it runs only where that kernel does not fit (H200, bf16, ms; v9:
+benchmarks/results/cublas_per_expert_probe_v9.log, v11-v12: moe_layer_breakdown_v11.log, _v12.log;
+benchmarks/KERNELS_NOTES.md):
 
-==================  ==================  ===================================================
+==================  ==================  =========================================================================
 product             cuBLAS per expert   grouped
-==================  ==================  ===================================================
-gate_up grad_w      6.06 / 6.25 / 6.15  6.47 / 6.41 / 6.40 (CUTLASS K-grouped)
+==================  ==================  =========================================================================
+gate_up grad_w      6.06 / 6.25 / 6.15  6.47 / 6.41 / 6.40 (CUTLASS K-grouped); 5.98 / 5.93 (Gluon, v12)
 gate_up grad_x      5.91 / 5.71 / 5.83  6.23 / 5.95 (Triton, v9); 5.63 / 5.57 (Gluon, v10-v11): grouped since v11
-down grad_w         2.97 / 3.23         2.93 / 2.94 (CUTLASS): kept
+down grad_w         2.97 / 3.23         2.93 / 2.94 (CUTLASS); 3.06 / 2.92 (Gluon, v12): grouped
 down fwd, grad_h    2.84-3.01           2.93-3.00 (Triton, v9): kept, a tie
-==================  ==================  ===================================================
+==================  ==================  =========================================================================
 
 With many small experts the loop of launches loses by far: Qwen3-30B-A3B's (128 experts x ~512 rows) weight
 gradients took 2.5-3.5 ms against CUTLASS's 0.42-0.84, DeepSeek-V2-Lite's (64 x ~768) 1.21-1.29 against

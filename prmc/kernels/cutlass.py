@@ -1,9 +1,11 @@
-"""CUTLASS's grouped GEMM (``torch._grouped_mm``) for the layer's weight gradients, where it measured faster.
+"""CUTLASS's grouped GEMM (``torch._grouped_mm``) for the layer's weight gradients where the Gluon kernel does not fit.
 
 The weight gradients reduce over each expert's rows (a K-grouped product). On Hopper in bf16 PyTorch's sm90
 CUTLASS kernel runs them at 432-655 TFLOP/s where our Triton weight_grad kernel, reading through TMA, runs at
 405-573 (H200, benchmarks/KERNELS_NOTES.md, v8), both on a gathered copy of the token rows
-(:mod:`prmc.kernels.gather_rows`).
+(:mod:`prmc.kernels.gather_rows`). Since v12 the Gluon K-grouped kernel (:mod:`prmc.kernels.gluon_weight_grad`)
+runs them 2-8% faster than CUTLASS on the fine-grained layers where it fits (gradient rows whole 128-row tiles);
+CUTLASS takes the rest in bf16.
 
 The row-grouped products (down forward, down grad_h, gate_up grad_x) ran on ``row_grouped_mm`` from v4 to v6;
 since v7 the Triton grouped GEMM reading through TMA runs them within 2% of it or faster (up to 14%; H200,

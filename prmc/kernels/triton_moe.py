@@ -8,7 +8,8 @@ tensors with ``TRITON_INTERPRET=1``.
 op                    kernels ("store"/"gate_up": grouped_gemm, through TMA where the GPU and layouts allow;
                       "store" and gated "gate_up" run the Gluon gluon_gemm instead where gluon_gemm.weight_operand
                       says (Hopper, bf16/fp16);
-                      "weight grad": CUTLASS's ``torch._grouped_mm`` where cutlass.takes (Hopper, bf16), else
+                      "weight grad": the Gluon gluon_weight_grad where it takes the operands (Hopper,
+                      bf16/fp16), else CUTLASS's ``torch._grouped_mm`` where cutlass.takes (Hopper, bf16), else
                       the Triton weight_grad, through TMA where it can)
 ====================  =======================================================================================
 sort_by_expert        a counting sort in three Triton launches, giving the inverse permutation too (torch path
@@ -22,7 +23,8 @@ experts_backward      g = grad_out[rows] @ W_down per routed row ("store" on gat
                       the same copy); grad_x = combine_rows("store": d preact @ W_gate_up);
                       grad_W_gate_up = d preact.T @ x[rows] (weight grad, on gather_rows' copy where TMA reads
                       it, else gathering on load). With a few large experts (cublas.takes: Mixtral-class,
-                      Hopper, bf16) grad_W_gate_up is one cuBLAS mm per expert
+                      Hopper, bf16) grad_W_gate_up is one cuBLAS mm per expert where the Gluon kernel does
+                      not fit
 ====================  =======================================================================================
 
 Inputs outside what the kernels take (fp64, mixed dtypes, indices not int64/int32) fall back to the
@@ -34,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from prmc.kernels import cublas, cutlass, gluon_gemm, reference
+from prmc.kernels import cublas, cutlass, gluon_gemm, gluon_weight_grad, reference
 from prmc.kernels._triton_common import KERNEL_DTYPES, tma_reads
 from prmc.kernels.combine import combine_rows
 from prmc.kernels.gather_rows import gather_rows
@@ -90,13 +92,16 @@ def _weight_grad(
     left: Tensor, right: Tensor, offsets: Tensor, shape: torch.Size, *, left_rows: Tensor | None = None,
     right_rows: Tensor | None = None, bounds: list[int] | None = None,
 ) -> Tensor:
-    """``out[e] = left[left_rows][g_e].T @ right[right_rows][g_e]``, [E, P, Q] = ``shape``. CUTLASS where it takes
-    the (gathered) operands: at the layer's sizes it ran 6-20% faster than the Triton kernel through TMA (H200,
-    bf16, benchmarks/KERNELS_NOTES.md, v8). ``bounds`` (the group bounds on the host): one cuBLAS mm per expert
-    instead, on gathered operands (prmc.kernels.cublas)."""
+    """``out[e] = left[left_rows][g_e].T @ right[right_rows][g_e]``, [E, P, Q] = ``shape``. On Hopper in bf16/fp16
+    the Gluon kernel where it takes the (gathered) operands: at the fine-grained layers' sizes 2-8% faster than
+    CUTLASS, on Mixtral's gate_up 7-9%, level on its down (v12); then CUTLASS, which
+    ran 6-20% faster than the Triton kernel through TMA (H200, bf16, benchmarks/KERNELS_NOTES.md, v8). ``bounds``
+    (the group bounds on the host): one cuBLAS mm per expert instead, on gathered operands (prmc.kernels.cublas)."""
     if left_rows is None and right_rows is None:
         if bounds is not None:
             return cublas.k_mm(left, right, bounds)
+        if gluon_weight_grad.takes(left, right, shape):
+            return gluon_weight_grad.k_grouped_mm(left, right, offsets)
         if cutlass.takes(left, right):
             return cutlass.k_grouped_mm(left, right, offsets)
     out = left.new_empty(shape)
@@ -153,10 +158,13 @@ def experts_backward(
     offsets, rows = offsets.int(), order // top_k
     scale = scale.contiguous() if scale is not None else None
     preact = preact.contiguous()
-    # NOTE: host sync where cuBLAS runs grad_W_gate_up (few large experts, cublas.takes; d preact will have preact's
-    # dtype and layout): the group bounds go to the host now, and are waited for once the products before it are
-    # queued, so that the GPU has those to run while the host waits.
-    per_expert = cublas.takes(offsets, rows.shape[0], preact, x, w_gate_up)
+    # Few large experts (cublas.takes: Mixtral-class, Hopper, bf16): grad_W_gate_up on cuBLAS per expert where the
+    # Gluon kernel does not fit (on Mixtral: Gluon 5.93-5.98 ms, cuBLAS per expert 6.09, CUTLASS 6.36-6.58; v12).
+    # NOTE: host sync there (d preact will have preact's dtype and layout): the group bounds go to the host now, and
+    # are waited for once the products before it are queued, so that the GPU has those to run while the host waits.
+    per_expert = cublas.takes(offsets, rows.shape[0], preact, x, w_gate_up) and not gluon_weight_grad.fits(
+        w_gate_up.shape, preact.dtype, preact.device
+    )
     bounds_later = cublas.group_bounds_later(offsets) if per_expert else None
     # Down projection: g = grad_out[rows] @ W_down[e], the gradient at h before the routing weight. A gathered
     # copy of grad_out[rows] serves this product and the weight gradient.

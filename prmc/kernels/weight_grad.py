@@ -28,7 +28,9 @@ past the group's end are masked to zero, and an operand may be gathered on load 
 Measured at the layer's sizes (H200, bf16, 8192 tokens, benchmarks/KERNELS_NOTES.md, v8): through TMA on
 gathered copies this kernel runs 405-409 TFLOP/s at Qwen3-30B-A3B sizes and 523-573 at Mixtral's, gathering
 on load 324-353 and 393-431, and CUTLASS's K-grouped GEMM (:mod:`prmc.kernels.cutlass`) 432-489 and 589-655.
-So in bf16 on Hopper the layer takes CUTLASS; this kernel serves fp16, fp32 and the other devices.
+So in bf16 on Hopper the layer takes CUTLASS, and since v12 first the Gluon K-grouped kernel
+(:mod:`prmc.kernels.gluon_weight_grad`, bf16 and fp16); this kernel serves fp32, the layouts those do not take
+and the other devices.
 """
 
 from __future__ import annotations

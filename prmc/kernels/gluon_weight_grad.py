@@ -1,0 +1,233 @@
+"""K-grouped weight gradient in Gluon for Hopper: ``out[e] = L[g_e].T @ R[g_e]``, pipelined across tiles.
+
+The story
+---------
+Both weight gradients of the layer reduce over each expert's rows g_e (:mod:`prmc.kernels.weight_grad` has the
+table). The output has a fixed size, [E, P, Q], so the tiles need no scheduler of their own: each program (one
+per multiprocessor) takes every ``programs``-th tile of the expert-major order, skipping the tiles of experts
+nobody chose (a last pass writes their zeros). What varies is each tile's k-loop: the expert's row count over
+64, only 8 k-steps at Qwen3-30B-A3B's 512 rows per expert, so the bubbles between tiles (the pipeline refilling,
+the accumulator leaving) weigh as much as in the row products. As in :mod:`prmc.kernels.gluon_gemm`, the last
+k-step of a tile issues the next tile's first loads, which are in flight during this tile's epilogue, and the
+output leaves by a TMA store waited for one tile later.
+
+A group's last k-step reads rows of the next group (TMA stops only at the tensor's edge). The k-step's L tile
+goes from shared memory into registers, where those rows are set to zero before the ``wgmma``: the next
+group's R rows then add nothing. (R is the forward's activation, x rows or ``scale * h``: finite wherever the
+layer's output is.) Every other k-step reads both operands from shared memory, L transposed on the fly
+(``wgmma`` takes a 16-bit A operand in either order).
+
+Measured against CUTLASS's K-grouped ``torch._grouped_mm`` on the same operands (H200, bf16, 8192 tokens,
+benchmarks/results/gluon_weight_grad_probe_v12.log, KERNELS_NOTES.md v12): 2-8% faster on both weight gradients
+of the fine-grained layers (Qwen3-30B-A3B 0.408 / 0.821 ms vs 0.429 / 0.883), 9% on Mixtral's gate_up (5.98 vs
+6.58; cuBLAS per expert 6.09), level on Mixtral's down.
+
+Where it runs (``takes``): CUDA sm90, bf16/fp16, L [M, P] and R [M, Q] with TMA-aligned rows, P a multiple of the
+128-row tile (a tile never reaches into the next expert's matrix), Q rows of 16-byte multiples. Elsewhere
+CUTLASS or the Triton kernel runs (:func:`prmc.kernels.triton_moe._weight_grad`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prmc.kernels._triton_common import INTERPRET, capability, num_programs, swizzle, tma_reads
+from prmc.kernels.gluon_gemm import gl, gluon
+
+if gluon is not None:
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from prmc.kernels.gluon_gemm import _store_masked, _tma_load, _tma_store
+
+# The row products' tile: 128 x 256 outputs over 64-row k-steps, 3 stages (four do not fit beside the output
+# buffer in shared memory).
+BLOCK_P, BLOCK_Q, BLOCK_K, STAGES, NUM_WARPS, GROUP = 128, 256, 64, 3, 8, 8
+
+
+def fits(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether this kernel computes an [E, P, Q] = ``shape`` gradient of this dtype on this device, given operands
+    it reads (``takes``)."""
+    if gluon is None or INTERPRET or device.type != "cuda" or capability(device) != (9, 0):
+        return False
+    # (the output is allocated contiguous: TMA writes it where its rows are 16-byte multiples)
+    return dtype in (torch.bfloat16, torch.float16) and shape[1] % BLOCK_P == 0 and shape[2] * dtype.itemsize % 16 == 0
+
+
+def takes(left: torch.Tensor, right: torch.Tensor, shape: torch.Size) -> bool:
+    """Whether this kernel computes the [E, P, Q] = ``shape`` gradient from ``left`` [M, P] and ``right`` [M, Q]:
+    ``fits``, one dtype, rows of both TMA-aligned with unit column stride."""
+    return (
+        fits(shape, left.dtype, left.device)
+        and left.dtype == right.dtype
+        and left.shape[0] == right.shape[0] > 0
+        and (left.shape[1], right.shape[1]) == tuple(shape[1:])
+        and all(t.stride(1) == 1 and tma_reads(t) for t in (left, right))
+    )
+
+
+if gluon is not None:
+
+    @gluon.jit
+    def _tile(t, tiles_per_expert, num_q, offsets_ptr, E, BP: gl.constexpr, BQ: gl.constexpr, GROUP: gl.constexpr):
+        """Tile t's expert, first output row and column, and the expert's rows [begin, end)."""
+        e = gl.minimum(t // tiles_per_expert, E - 1)  # (past the last tile: any expert will do)
+        pid_p, pid_q = swizzle(t % tiles_per_expert, tiles_per_expert // num_q, num_q, GROUP)
+        begin = gl.load(offsets_ptr + gl.maximum(e - 1, 0), mask=e > 0, other=0)
+        end = gl.load(offsets_ptr + e)
+        return e, pid_p * BP, pid_q * BQ, begin, end
+
+    @gluon.jit
+    def _next_tile(t, programs, total, tiles_per_expert, offsets_ptr, E):
+        """This program's first tile from t on whose expert has rows (``total`` past the last)."""
+        e = gl.minimum(t // tiles_per_expert, E - 1)
+        empty = gl.load(offsets_ptr + e) == gl.load(offsets_ptr + gl.maximum(e - 1, 0), mask=e > 0, other=0)
+        while (t < total) & empty:
+            t += programs
+            e = gl.minimum(t // tiles_per_expert, E - 1)
+            empty = gl.load(offsets_ptr + e) == gl.load(offsets_ptr + gl.maximum(e - 1, 0), mask=e > 0, other=0)
+        return gl.minimum(t, total)
+
+    @gluon.jit
+    def _load(l_desc, r_desc, bars, l_bufs, r_bufs, produced, row, off_p, off_q, pred, STAGES: gl.constexpr):
+        """The L and R tiles of the k-step at ``row`` into stage ``produced % STAGES``."""
+        s = produced % STAGES
+        mbarrier.expect(bars.index(s), l_desc.block_type.nbytes + r_desc.block_type.nbytes, pred=pred)
+        _tma_load(l_desc, [row, off_p], bars.index(s), l_bufs.index(s), pred)
+        _tma_load(r_desc, [row, off_q], bars.index(s), r_bufs.index(s), pred)
+
+    @gluon.jit
+    def _mma(l_bufs, r_bufs, bars, acc, consumed, use_acc, STAGES: gl.constexpr):
+        """One k-step once its tiles have landed; returns with at most this step's wgmma in flight."""
+        s = consumed % STAGES
+        mbarrier.wait(bars.index(s), (consumed // STAGES) & 1)
+        acc = warpgroup_mma(l_bufs.index(s).permute((1, 0)), r_bufs.index(s), acc, use_acc=use_acc, is_async=True)
+        return warpgroup_mma_wait(1, (acc,))
+
+    @gluon.jit
+    def _mma_last(l_bufs, r_bufs, bars, acc, consumed, use_acc, rows_left, STAGES: gl.constexpr):
+        """A tile's last k-step: L through registers, its rows at and past ``rows_left`` (the next group's) zeroed."""
+        s = consumed % STAGES
+        mbarrier.wait(bars.index(s), (consumed // STAGES) & 1)
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc.type.layout, k_width=2)
+        a = l_bufs.index(s).permute((1, 0)).load(a_layout)
+        BK: gl.constexpr = a.shape[1]
+        k = gl.arange(0, BK, layout=gl.SliceLayout(0, a_layout))
+        a = gl.where((k < rows_left)[None, :], a, gl.zeros_like(a))
+        acc = warpgroup_mma(a, r_bufs.index(s), acc, use_acc=use_acc, is_async=True)
+        return warpgroup_mma_wait(1, (acc,))
+
+    @gluon.jit
+    def weight_grad_kernel(l_desc, r_desc, o_desc, o_ptr, offsets_ptr, P, Q, E, STAGES: gl.constexpr,
+                           GROUP: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+        BP: gl.constexpr = o_desc.block_type.shape[0]
+        BQ: gl.constexpr = o_desc.block_type.shape[1]
+        BK: gl.constexpr = l_desc.block_type.shape[0]
+        gl.static_assert(STAGES == 3, "one k-step ahead: the loop below is written for three stages")
+        dtype: gl.constexpr = l_desc.dtype
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BQ, 16]
+        )
+        store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+
+        num_q = gl.cdiv(Q, BQ)
+        tiles_per_expert = (P // BP) * num_q
+        total = E * tiles_per_expert
+        pid = gl.program_id(0)
+        programs = gl.num_programs(0)
+
+        l_bufs = gl.allocate_shared_memory(dtype, [STAGES] + l_desc.block_type.shape, l_desc.layout)
+        r_bufs = gl.allocate_shared_memory(dtype, [STAGES] + r_desc.block_type.shape, r_desc.layout)
+        o_smem = gl.allocate_shared_memory(dtype, o_desc.block_type.shape, o_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+
+        t = _next_tile(pid, programs, total, tiles_per_expert, offsets_ptr, E)
+        e, off_p, off_q, begin, end = _tile(t, tiles_per_expert, num_q, offsets_ptr, E, BP, BQ, GROUP)
+        _load(l_desc, r_desc, bars, l_bufs, r_bufs, 0, begin, off_p, off_q, t < total, STAGES)
+        produced = 1
+        consumed = 0
+        acc = gl.zeros((BP, BQ), dtype=gl.float32, layout=acc_layout)
+        while t < total:
+            kt = gl.cdiv(end - begin, BK)
+            for k in range(kt - 1):
+                _load(l_desc, r_desc, bars, l_bufs, r_bufs, produced, begin + (k + 1) * BK, off_p, off_q, True, STAGES)
+                produced += 1
+                acc = _mma(l_bufs, r_bufs, bars, acc, consumed, k > 0, STAGES)
+                consumed += 1
+            # The next tile's first loads go out under this tile's last k-step and its epilogue.
+            n_t = _next_tile(t + programs, programs, total, tiles_per_expert, offsets_ptr, E)
+            n_e, n_off_p, n_off_q, n_begin, n_end = _tile(n_t, tiles_per_expert, num_q, offsets_ptr, E, BP, BQ, GROUP)
+            _load(l_desc, r_desc, bars, l_bufs, r_bufs, produced, n_begin, n_off_p, n_off_q, n_t < total, STAGES)
+            produced += 1
+            acc = _mma_last(l_bufs, r_bufs, bars, acc, consumed, kt > 1, end - begin - (kt - 1) * BK, STAGES)
+            consumed += 1
+            tma.store_wait(pendings=0)  # the previous tile's output has left o_smem
+            acc = warpgroup_mma_wait(0, (acc,))
+            o_smem.store(acc.to(dtype))
+            fence_async_shared()
+            _tma_store(o_desc, [e * P + off_p, off_q], o_smem)
+            t, e, off_p, off_q, begin, end = n_t, n_e, n_off_p, n_off_q, n_begin, n_end
+        tma.store_wait(pendings=0)
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+
+        # Experts with no rows: zero gradients.
+        zeros = gl.zeros((BP, BQ), dtype=dtype, layout=store_layout)
+        for t in range(pid, total, programs):
+            e, off_p, off_q, begin, end = _tile(t, tiles_per_expert, num_q, offsets_ptr, E, BP, BQ, GROUP)
+            if begin == end:
+                _store_masked(o_ptr, Q, zeros, e * P + off_p, off_q, E * P, Q, BP, BQ, store_layout)
+
+
+def k_grouped_mm(left: torch.Tensor, right: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``out[e] = left[g_e].T @ right[g_e]`` over the groups of ``offsets`` (int32 group ends; rows past
+    ``offsets[-1]`` enter no expert): left [M, P], right [M, Q] -> [E, P, Q], where ``takes`` says."""
+    experts, p, q = offsets.shape[0], left.shape[1], right.shape[1]
+    out = left.new_empty(experts, p, q)
+    dtype = gl.bfloat16 if left.dtype == torch.bfloat16 else gl.float16
+
+    def descriptor(t, block):
+        return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
+
+    weight_grad_kernel[(num_programs(left.device),)](
+        descriptor(left, [BLOCK_K, BLOCK_P]), descriptor(right, [BLOCK_K, BLOCK_Q]),
+        descriptor(out.view(experts * p, q), [BLOCK_P, BLOCK_Q]), out, offsets, p, q, experts,
+        STAGES=STAGES, GROUP=GROUP, num_warps=NUM_WARPS,
+    )  # fmt: skip
+    return out
+
+
+if __name__ == "__main__":
+    # Check against float64 (random routing; hot experts with empty ones and unrouted rows) and benchmark against
+    # CUTLASS on both weight gradients of the fine-grained layer.
+    import triton
+
+    from prmc.kernels import cutlass
+    from prmc.kernels.check import random_routing, rel_err
+
+    tokens, hidden, inter, experts, top_k = 8192, 2048, 768, 128, 8
+    for routing in [dict(), dict(hot=4, unrouted=777)]:
+        order, _, offsets = random_routing(tokens, experts, top_k, "cuda", **routing)
+        m, ends = order.shape[0], [0, *offsets.tolist()]
+        for name, p, q in [("down", hidden, inter), ("gate_up", 2 * inter, hidden)]:
+            left = torch.randn(m, p, device="cuda", dtype=torch.bfloat16)
+            right = torch.randn(m, q, device="cuda", dtype=torch.bfloat16)
+            ref = torch.stack([left[s:t].double().t() @ right[s:t].double() for s, t in zip(ends, ends[1:])])
+            runs = {"gluon": k_grouped_mm, "cutlass": cutlass.k_grouped_mm}
+            for kernel, launch in runs.items():
+                ms = triton.testing.do_bench(lambda: launch(left, right, offsets), warmup=200, rep=300)
+                out = launch(left, right, offsets)
+                worst = max(
+                    rel_err(out[e], ref[e]) if t > s else float(out[e].abs().max())
+                    for e, (s, t) in enumerate(zip(ends, ends[1:]))
+                )  # fmt: skip
+                print(f"{name} grad_w {routing} {kernel:8s} {ms:.3f} ms {2 * m * p * q / ms / 1e9:.0f} TFLOP/s  "
+                      f"worst expert's rel err (an empty one's largest value) {worst:.1e}")  # fmt: skip
