@@ -75,23 +75,26 @@ def takes(left: torch.Tensor, right: torch.Tensor, shape: torch.Size) -> bool:
 if gluon is not None:
 
     @gluon.jit
+    def _expert_rows(t, tiles_per_expert, offsets_ptr, E):
+        """Tile t's expert and its rows [begin, end) (past the last tile: the last expert's)."""
+        e = gl.minimum(t // tiles_per_expert, E - 1)
+        begin = gl.load(offsets_ptr + gl.maximum(e - 1, 0), mask=e > 0, other=0)
+        return e, begin, gl.load(offsets_ptr + e)
+
+    @gluon.jit
     def _tile(t, tiles_per_expert, num_q, offsets_ptr, E, BP: gl.constexpr, BQ: gl.constexpr, GROUP: gl.constexpr):
         """Tile t's expert, first output row and column, and the expert's rows [begin, end)."""
-        e = gl.minimum(t // tiles_per_expert, E - 1)  # (past the last tile: any expert will do)
+        e, begin, end = _expert_rows(t, tiles_per_expert, offsets_ptr, E)
         pid_p, pid_q = swizzle(t % tiles_per_expert, tiles_per_expert // num_q, num_q, GROUP)
-        begin = gl.load(offsets_ptr + gl.maximum(e - 1, 0), mask=e > 0, other=0)
-        end = gl.load(offsets_ptr + e)
         return e, pid_p * BP, pid_q * BQ, begin, end
 
     @gluon.jit
     def _next_tile(t, programs, total, tiles_per_expert, offsets_ptr, E):
         """This program's first tile from t on whose expert has rows (``total`` past the last)."""
-        e = gl.minimum(t // tiles_per_expert, E - 1)
-        empty = gl.load(offsets_ptr + e) == gl.load(offsets_ptr + gl.maximum(e - 1, 0), mask=e > 0, other=0)
-        while (t < total) & empty:
+        _, begin, end = _expert_rows(t, tiles_per_expert, offsets_ptr, E)
+        while (t < total) & (begin == end):
             t += programs
-            e = gl.minimum(t // tiles_per_expert, E - 1)
-            empty = gl.load(offsets_ptr + e) == gl.load(offsets_ptr + gl.maximum(e - 1, 0), mask=e > 0, other=0)
+            _, begin, end = _expert_rows(t, tiles_per_expert, offsets_ptr, E)
         return gl.minimum(t, total)
 
     @gluon.jit
