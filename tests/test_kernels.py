@@ -160,20 +160,22 @@ def test_gluon_gemm_compiles_for_hopper(k_contig, gated, activation):
     assert kernel.metadata.shared <= 232448  # bytes of shared memory a Hopper block may have
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_gluon_weight_grad_compiles_for_hopper(dtype):
-    """The Gluon K-grouped weight-gradient kernel, as above: TMA copies, 256-wide wgmma products with the L tile
-    transposed, the last k-step's L tile read into registers transposed (``ldmatrix .trans``) to zero the next
-    group's rows, and shared memory that fits."""
+@pytest.mark.parametrize("dtype, transposed", [("bf16", False), ("fp16", False), ("bf16", True)])
+def test_gluon_weight_grad_compiles_for_hopper(dtype, transposed):
+    """The Gluon K-grouped weight-gradient kernel, as above (also with its tiles over the transposed product): TMA
+    copies, 256-wide wgmma products with the L tile transposed, the last k-step's L tile read into registers
+    transposed (``ldmatrix .trans``) to zero the next group's rows, and shared memory that fits."""
     from prmc.kernels import gluon_weight_grad as wg
 
     if wg.gluon is None:
         pytest.skip("this Triton has no Gluon")
     signature = dict(
         l_desc=(dtype, [wg.BLOCK_K, wg.BLOCK_P]), r_desc=(dtype, [wg.BLOCK_K, wg.BLOCK_Q]),
-        o_desc=(dtype, [wg.BLOCK_P, wg.BLOCK_Q]), o_ptr=f"*{dtype}", offsets_ptr="*i32", P="i32", Q="i32", E="i32",
+        o_desc=(dtype, [wg.BLOCK_Q, wg.BLOCK_P] if transposed else [wg.BLOCK_P, wg.BLOCK_Q]), o_ptr=f"*{dtype}",
+        offsets_ptr="*i32", P="i32", Q="i32", E="i32",
     )  # fmt: skip
-    kernel = _compile_for_hopper(wg.weight_grad_kernel, signature, dict(STAGES=wg.STAGES, GROUP=wg.GROUP, num_warps=wg.NUM_WARPS))
+    constants = dict(TRANSPOSED=transposed, STAGES=wg.STAGES, GROUP=wg.GROUP, num_warps=wg.NUM_WARPS)
+    kernel = _compile_for_hopper(wg.weight_grad_kernel, signature, constants)
     ptx = kernel.asm["ptx"]
     assert "cp.async.bulk.tensor" in ptx and "ldmatrix.sync.aligned.m8n8.x4.trans" in ptx
     assert f"wgmma.mma_async.sync.aligned.m64n256k16.f32.{dtype[0]}" in ptx

@@ -13,18 +13,23 @@ output leaves by a TMA store waited for one tile later.
 
 A group's last k-step reads rows of the next group (TMA stops only at the tensor's edge). The k-step's L tile
 goes from shared memory into registers, where those rows are set to zero before the ``wgmma``: the next
-group's R rows then add nothing. (R is the forward's activation, x rows or ``scale * h``: finite wherever the
-layer's output is.) Every other k-step reads both operands from shared memory, L transposed on the fly
-(``wgmma`` takes a 16-bit A operand in either order).
+group's R rows then add nothing. (Finite ones: a non-finite value there, which already makes its own expert's
+gradient non-finite, would reach this expert's too.) Every other k-step reads both operands from shared memory,
+L transposed on the fly (``wgmma`` takes a 16-bit A operand in either order).
+
+Where Q is no whole number of 256-wide tiles but the transposed product's dimensions are whole tiles
+(DeepSeek-V2-Lite's down gradient: Q = I = 1408, 5.5 tiles, P = H = 2048), the tiles run over ``out[e].T =
+R[g_e].T @ L[g_e]`` and leave transposed, so that no tile computes empty columns.
 
 Measured against CUTLASS's K-grouped ``torch._grouped_mm`` on the same operands (H200, bf16, 8192 tokens,
 benchmarks/results/gluon_weight_grad_probe_v12.log, KERNELS_NOTES.md v12): 2-8% faster on both weight gradients
 of the fine-grained layers (Qwen3-30B-A3B 0.408 / 0.821 ms vs 0.429 / 0.883), 9% on Mixtral's gate_up (5.98 vs
-6.58; cuBLAS per expert 6.09), level on Mixtral's down.
+6.58; cuBLAS per expert 6.09), level on Mixtral's down; transposed, a down gradient of I = 1408 0.741 vs 0.862
+(DeepSeek-V2-Lite's in the layer: 0.502 vs 0.560).
 
 Where it runs (``takes``): CUDA sm90, bf16/fp16, L [M, P] and R [M, Q] with TMA-aligned rows, P a multiple of the
-128-row tile (a tile never reaches into the next expert's matrix), Q rows of 16-byte multiples. Elsewhere
-CUTLASS or the Triton kernel runs (:func:`prmc.kernels.triton_moe._weight_grad`).
+128-row tile (a tile never reaches into the next expert's matrix; transposed, Q of it and P of 256), Q rows of
+16-byte multiples. Elsewhere CUTLASS or the Triton kernel runs (:func:`prmc.kernels.triton_moe._weight_grad`).
 """
 
 from __future__ import annotations
@@ -51,13 +56,21 @@ if gluon is not None:
 BLOCK_P, BLOCK_Q, BLOCK_K, STAGES, NUM_WARPS, GROUP = 128, 256, 64, 3, 8, 8
 
 
+def _transposed(p: int, q: int) -> bool:
+    """Whether the tiles run over ``out[e].T`` ([Q, P]): where Q is no whole number of 256-wide tiles (their last one
+    would compute empty columns: 9% of them at DeepSeek-V2-Lite's Q = I = 1408) but both are of the transposed
+    tile (Q of 128-row tiles, P of 256-wide ones)."""
+    return q % BLOCK_Q != 0 and q % BLOCK_P == 0 and p % BLOCK_Q == 0
+
+
 def fits(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether this kernel computes an [E, P, Q] = ``shape`` gradient of this dtype on this device, given operands
     it reads (``takes``)."""
     if gluon is None or INTERPRET or device.type != "cuda" or capability(device) != (9, 0):
         return False
+    p, q = shape[1], shape[2]
     # (the output is allocated contiguous: TMA writes it where its rows are 16-byte multiples)
-    return dtype in (torch.bfloat16, torch.float16) and shape[1] % BLOCK_P == 0 and shape[2] * dtype.itemsize % 16 == 0
+    return dtype in (torch.bfloat16, torch.float16) and (p % BLOCK_P == 0 or _transposed(p, q)) and q * dtype.itemsize % 16 == 0
 
 
 def takes(left: torch.Tensor, right: torch.Tensor, shape: torch.Size) -> bool:
@@ -127,10 +140,19 @@ if gluon is not None:
         return warpgroup_mma_wait(1, (acc,))
 
     @gluon.jit
-    def weight_grad_kernel(l_desc, r_desc, o_desc, o_ptr, offsets_ptr, P, Q, E, STAGES: gl.constexpr,
-                           GROUP: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
-        BP: gl.constexpr = o_desc.block_type.shape[0]
-        BQ: gl.constexpr = o_desc.block_type.shape[1]
+    def _out_origin(e, off_p, off_q, P, Q, E, TRANSPOSED: gl.constexpr):
+        """Where a tile's output goes in the [E * rows, cols] view of out: its first row and column, and the view's
+        rows and columns (transposed: out[e] is [Q, P])."""
+        if TRANSPOSED:
+            return e * Q + off_q, off_p, E * Q, P
+        else:
+            return e * P + off_p, off_q, E * P, Q
+
+    @gluon.jit
+    def weight_grad_kernel(l_desc, r_desc, o_desc, o_ptr, offsets_ptr, P, Q, E, TRANSPOSED: gl.constexpr,
+                           STAGES: gl.constexpr, GROUP: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+        BP: gl.constexpr = l_desc.block_type.shape[1]
+        BQ: gl.constexpr = r_desc.block_type.shape[1]
         BK: gl.constexpr = l_desc.block_type.shape[0]
         gl.static_assert(STAGES == 3, "one k-step ahead: the loop below is written for three stages")
         dtype: gl.constexpr = l_desc.dtype
@@ -174,20 +196,25 @@ if gluon is not None:
             consumed += 1
             tma.store_wait(pendings=0)  # the previous tile's output has left o_smem
             acc = warpgroup_mma_wait(0, (acc,))
-            o_smem.store(acc.to(dtype))
+            out = acc.to(dtype)
+            row, col, _, _ = _out_origin(e, off_p, off_q, P, Q, E, TRANSPOSED)
+            o_smem.store(out.permute((1, 0)) if TRANSPOSED else out)
             fence_async_shared()
-            _tma_store(o_desc, [e * P + off_p, off_q], o_smem)
+            _tma_store(o_desc, [row, col], o_smem)
             t, e, off_p, off_q, begin, end = n_t, n_e, n_off_p, n_off_q, n_begin, n_end
         tma.store_wait(pendings=0)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 
         # Experts with no rows: zero gradients.
-        zeros = gl.zeros((BP, BQ), dtype=dtype, layout=store_layout)
+        OM: gl.constexpr = o_desc.block_type.shape[0]
+        ON: gl.constexpr = o_desc.block_type.shape[1]
+        zeros = gl.zeros((OM, ON), dtype=dtype, layout=store_layout)
         for t in range(pid, total, programs):
             e, off_p, off_q, begin, end = _tile(t, tiles_per_expert, num_q, offsets_ptr, E, BP, BQ, GROUP)
             if begin == end:
-                _store_masked(o_ptr, Q, zeros, e * P + off_p, off_q, E * P, Q, BP, BQ, store_layout)
+                row, col, rows, cols = _out_origin(e, off_p, off_q, P, Q, E, TRANSPOSED)
+                _store_masked(o_ptr, cols, zeros, row, col, rows, cols, OM, ON, store_layout)
 
 
 def k_grouped_mm(left: torch.Tensor, right: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -200,17 +227,21 @@ def k_grouped_mm(left: torch.Tensor, right: torch.Tensor, offsets: torch.Tensor)
     def descriptor(t, block):
         return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
 
+    transposed = _transposed(p, q)
+    if transposed:  # the tiles run over out[e].T = right[g_e].T @ left[g_e]
+        left, right, p, q = right, left, q, p
+    o_block = [BLOCK_Q, BLOCK_P] if transposed else [BLOCK_P, BLOCK_Q]
     weight_grad_kernel[(num_programs(left.device),)](
         descriptor(left, [BLOCK_K, BLOCK_P]), descriptor(right, [BLOCK_K, BLOCK_Q]),
-        descriptor(out.view(experts * p, q), [BLOCK_P, BLOCK_Q]), out, offsets, p, q, experts,
-        STAGES=STAGES, GROUP=GROUP, num_warps=NUM_WARPS,
+        descriptor(out.view(-1, out.shape[2]), o_block), out, offsets, p, q, experts,
+        TRANSPOSED=transposed, STAGES=STAGES, GROUP=GROUP, num_warps=NUM_WARPS,
     )  # fmt: skip
     return out
 
 
 if __name__ == "__main__":
     # Check against float64 (random routing; hot experts with empty ones and unrouted rows) and benchmark against
-    # CUTLASS on both weight gradients of the fine-grained layer.
+    # CUTLASS on both weight gradients of the fine-grained layer, and on a down gradient of I = 1408.
     import triton
 
     from prmc.kernels import cutlass
@@ -220,7 +251,8 @@ if __name__ == "__main__":
     for routing in [dict(), dict(hot=4, unrouted=777)]:
         order, _, offsets = random_routing(tokens, experts, top_k, "cuda", **routing)
         m, ends = order.shape[0], [0, *offsets.tolist()]
-        for name, p, q in [("down", hidden, inter), ("gate_up", 2 * inter, hidden)]:
+        # (the third: DeepSeek-V2-Lite's I, whose tiles run over the transposed product)
+        for name, p, q in [("down", hidden, inter), ("gate_up", 2 * inter, hidden), ("down I=1408", hidden, 1408)]:
             left = torch.randn(m, p, device="cuda", dtype=torch.bfloat16)
             right = torch.randn(m, q, device="cuda", dtype=torch.bfloat16)
             ref = torch.stack([left[s:t].double().t() @ right[s:t].double() for s, t in zip(ends, ends[1:])])

@@ -93,7 +93,7 @@ def _weight_grad(
     right_rows: Tensor | None = None, bounds: list[int] | None = None,
 ) -> Tensor:
     """``out[e] = left[left_rows][g_e].T @ right[right_rows][g_e]``, [E, P, Q] = ``shape``. On Hopper in bf16/fp16
-    the Gluon kernel where it takes the (gathered) operands: at the fine-grained layers' sizes 2-8% faster than
+    the Gluon kernel where it takes the (gathered) operands: at the fine-grained layers' sizes 2-14% faster than
     CUTLASS, on Mixtral's gate_up 7-9%, level on its down (v12); then CUTLASS, which
     ran 6-20% faster than the Triton kernel through TMA (H200, bf16, benchmarks/KERNELS_NOTES.md, v8). ``bounds``
     (the group bounds on the host): one cuBLAS mm per expert instead, on gathered operands (prmc.kernels.cublas)."""
