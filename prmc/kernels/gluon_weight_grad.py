@@ -68,9 +68,9 @@ def fits(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> bool:
     it reads (``takes``)."""
     if gluon is None or INTERPRET or device.type != "cuda" or capability(device) != (9, 0):
         return False
-    p, q = shape[1], shape[2]
-    # (the output is allocated contiguous: TMA writes it where its rows are 16-byte multiples)
-    return dtype in (torch.bfloat16, torch.float16) and (p % BLOCK_P == 0 or _transposed(p, q)) and q * dtype.itemsize % 16 == 0
+    # (transposed tiles need P of 256, so P of 128 either way; the output is allocated contiguous: TMA writes it
+    # where its rows are 16-byte multiples)
+    return dtype in (torch.bfloat16, torch.float16) and shape[1] % BLOCK_P == 0 and shape[2] * dtype.itemsize % 16 == 0
 
 
 def takes(left: torch.Tensor, right: torch.Tensor, shape: torch.Size) -> bool:
