@@ -272,19 +272,15 @@ def breakdown(name, tokens, device) -> None:
         return [(f"{product} (Gluon{kind})", (lambda: gluon_gemm.grouped_gemm(a, offsets, weight, c, h), flops)), triton_choice]
 
     def k_choices(product, left, right, shape, flops, per_expert=False):
-        """The Gluon kernel (where it takes the operands), CUTLASS, and with ``per_expert`` cuBLAS per expert for a
-        weight gradient."""
-        choices = [(f"{product} (CUTLASS)", (lambda: cutlass.k_grouped_mm(left, right, offsets), flops))]
-        if per_expert:
-            choices.append((f"{product} (cuBLAS per expert)", (lambda: cublas.k_mm(left, right, bounds), flops)))
-        if gluon_weight_grad.takes(left, right, shape):
-            choices.insert(0, (f"{product} (Gluon)", (lambda: gluon_weight_grad.k_grouped_mm(left, right, offsets), flops)))
-        return choices
-
-    # In the layer's order (experts_backward): with few large experts, gate_up's cuBLAS per expert ahead of CUTLASS.
-    gate_up_grad_w = k_choices("gate_up grad_w", dpre, x_rows, w_gate_up.shape, 2 * gemm, per_expert=few_large)
-    if few_large:
-        gate_up_grad_w.sort(key=lambda choice: "CUTLASS" in choice[0])
+        """A weight gradient's kernels in the layer's order (_weight_grad, experts_backward): the Gluon kernel where it
+        takes the operands, with ``per_expert`` cuBLAS per expert, then CUTLASS."""
+        gluon = [(f"{product} (Gluon)", (lambda: gluon_weight_grad.k_grouped_mm(left, right, offsets), flops))]
+        cublas_mm = [(f"{product} (cuBLAS per expert)", (lambda: cublas.k_mm(left, right, bounds), flops))]
+        return (
+            (gluon if gluon_weight_grad.takes(left, right, shape) else [])
+            + (cublas_mm if per_expert else [])
+            + [(f"{product} (CUTLASS)", (lambda: cutlass.k_grouped_mm(left, right, offsets), flops))]
+        )
     parts = {
         "sort_by_expert": (lambda: torch.ops.prmc.sort_by_expert(ids, experts), 0),
         "gather x rows (fwd)": (lambda: gather_rows(x, rows), 0),
@@ -306,7 +302,7 @@ def breakdown(name, tokens, device) -> None:
         "  alt grad_x (CUTLASS)": (lambda: cutlass.row_grouped_mm(dpre, w_gate_up, offsets), 2 * gemm),
         "gate_up grad_x combine": (lambda: combine_rows(y, inverse, top_k, offsets), 0),
         "gather x rows": (lambda: gather_rows(x, rows), 0),
-        **ranked(*gate_up_grad_w),
+        **ranked(*k_choices("gate_up grad_w", dpre, x_rows, w_gate_up.shape, 2 * gemm, per_expert=few_large)),
         "  alt gate_up grad_w (Triton TMA)": (lambda: weight_grad(dpre, x_rows, offsets, grad_w_gate_up), 2 * gemm),
         "  alt gate_up grad_w (Triton, gather on load)": (lambda: weight_grad(dpre, x, offsets, grad_w_gate_up, right_rows=rows), 2 * gemm),
     }  # fmt: skip

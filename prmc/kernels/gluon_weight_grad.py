@@ -95,20 +95,23 @@ if gluon is not None:
         return e, begin, gl.load(offsets_ptr + e)
 
     @gluon.jit
-    def _tile(t, tiles_per_expert, num_q, offsets_ptr, E, BP: gl.constexpr, BQ: gl.constexpr, GROUP: gl.constexpr):
-        """Tile t's expert, first output row and column, and the expert's rows [begin, end)."""
-        e, begin, end = _expert_rows(t, tiles_per_expert, offsets_ptr, E)
+    def _tile_origin(t, tiles_per_expert, num_q, BP: gl.constexpr, BQ: gl.constexpr, GROUP: gl.constexpr):
+        """Tile t's first output row and column within its expert's gradient."""
         pid_p, pid_q = swizzle(t % tiles_per_expert, tiles_per_expert // num_q, num_q, GROUP)
-        return e, pid_p * BP, pid_q * BQ, begin, end
+        return pid_p * BP, pid_q * BQ
 
     @gluon.jit
-    def _next_tile(t, programs, total, tiles_per_expert, offsets_ptr, E):
-        """This program's first tile from t on whose expert has rows (``total`` past the last)."""
-        _, begin, end = _expert_rows(t, tiles_per_expert, offsets_ptr, E)
+    def _next_tile(t, programs, total, tiles_per_expert, num_q, offsets_ptr, E, BP: gl.constexpr, BQ: gl.constexpr,
+                   GROUP: gl.constexpr):  # fmt: skip
+        """This program's first tile from t on whose expert has rows (``total`` past the last): the tile, its
+        expert, first output row and column, and the expert's rows [begin, end)."""
+        e, begin, end = _expert_rows(t, tiles_per_expert, offsets_ptr, E)
         while (t < total) & (begin == end):
             t += programs
-            _, begin, end = _expert_rows(t, tiles_per_expert, offsets_ptr, E)
-        return gl.minimum(t, total)
+            e, begin, end = _expert_rows(t, tiles_per_expert, offsets_ptr, E)
+        t = gl.minimum(t, total)
+        off_p, off_q = _tile_origin(t, tiles_per_expert, num_q, BP, BQ, GROUP)
+        return t, e, off_p, off_q, begin, end
 
     @gluon.jit
     def _load(l_desc, r_desc, bars, l_bufs, r_bufs, produced, row, off_p, off_q, pred, STAGES: gl.constexpr):
@@ -174,8 +177,8 @@ if gluon is not None:
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
 
-        t = _next_tile(pid, programs, total, tiles_per_expert, offsets_ptr, E)
-        e, off_p, off_q, begin, end = _tile(t, tiles_per_expert, num_q, offsets_ptr, E, BP, BQ, GROUP)
+        t, e, off_p, off_q, begin, end = _next_tile(pid, programs, total, tiles_per_expert, num_q, offsets_ptr, E, BP,
+                                                    BQ, GROUP)  # fmt: skip
         _load(l_desc, r_desc, bars, l_bufs, r_bufs, 0, begin, off_p, off_q, t < total, STAGES)
         produced = 1
         consumed = 0
@@ -188,8 +191,9 @@ if gluon is not None:
                 acc = _mma(l_bufs, r_bufs, bars, acc, consumed, k > 0, STAGES)
                 consumed += 1
             # The next tile's first loads go out under this tile's last k-step and its epilogue.
-            n_t = _next_tile(t + programs, programs, total, tiles_per_expert, offsets_ptr, E)
-            n_e, n_off_p, n_off_q, n_begin, n_end = _tile(n_t, tiles_per_expert, num_q, offsets_ptr, E, BP, BQ, GROUP)
+            n_t, n_e, n_off_p, n_off_q, n_begin, n_end = _next_tile(
+                t + programs, programs, total, tiles_per_expert, num_q, offsets_ptr, E, BP, BQ, GROUP
+            )
             _load(l_desc, r_desc, bars, l_bufs, r_bufs, produced, n_begin, n_off_p, n_off_q, n_t < total, STAGES)
             produced += 1
             acc = _mma_last(l_bufs, r_bufs, bars, acc, consumed, kt > 1, end - begin - (kt - 1) * BK, STAGES)
@@ -211,7 +215,8 @@ if gluon is not None:
         ON: gl.constexpr = o_desc.block_type.shape[1]
         zeros = gl.zeros((OM, ON), dtype=dtype, layout=store_layout)
         for t in range(pid, total, programs):
-            e, off_p, off_q, begin, end = _tile(t, tiles_per_expert, num_q, offsets_ptr, E, BP, BQ, GROUP)
+            e, begin, end = _expert_rows(t, tiles_per_expert, offsets_ptr, E)
+            off_p, off_q = _tile_origin(t, tiles_per_expert, num_q, BP, BQ, GROUP)
             if begin == end:
                 row, col, rows, cols = _out_origin(e, off_p, off_q, P, Q, E, TRANSPOSED)
                 _store_masked(o_ptr, cols, zeros, row, col, rows, cols, OM, ON, store_layout)
