@@ -394,11 +394,12 @@ def table(data) -> str:
         f"{data['device']}; torch {data['torch']}, triton {data['triton']}, transformers {data['transformers']}. "
         f"do_bench median ms (the median over {rounds} rounds; the eager loop: one) / TFLOP/s (expert GEMM FLOPs) / "
         "peak extra memory GB. Speed-up: of the medians, and (in brackets) its range over the rounds. "
-        "SM MHz: the median clock during each of prmc's rounds.",
+        "SM MHz: the median clock during each of prmc's rounds, and during each of transformers grouped_mm's (the "
+        "clock follows each workload's power draw under the GPU's power cap).",
         "",
     ]
     for mode in ["fwd", "fwd+bwd"]:
-        header = " | ".join(METHODS) + " | prmc speed-up vs tf grouped_mm | prmc / ceiling TFLOP/s | SM MHz |"
+        header = " | ".join(METHODS) + " | prmc speed-up vs tf grouped_mm | prmc / ceiling TFLOP/s | SM MHz prmc; tf grouped_mm |"
         lines += [f"## {mode}", "", "| config (H, I, E, k) | " + header]
         lines.append("|---" * (len(METHODS) + 4) + "|")
         for name, res in data["results"].items():
@@ -410,9 +411,9 @@ def table(data) -> str:
             prmc, tf, ceil = (res.get(f"{m}|{mode}") for m in ("prmc", "tf grouped_mm+Inductor", "cuBLAS bmm ceiling"))
             speedup = _speedups(prmc, tf) if prmc and tf else "n/a"
             frac = f"{prmc['tflops'] / ceil['tflops']:.0%}" if prmc and ceil else "n/a"
-            clocks = "/".join(str(c) for c in prmc.get("mhz_rounds", []) if c) if prmc else ""
+            clocks = "; ".join("/".join(str(c) for c in r.get("mhz_rounds", []) if c) or "n/a" for r in (prmc, tf) if r)
             label = f"{name} ({hidden}, {inter}, {experts}, {top_k}{', ' + str(hot) + ' hot' if hot else ''})"
-            lines.append(f"| {label} | " + " | ".join(cells) + f" | {speedup} | {frac} | {clocks or 'n/a'} |")
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {speedup} | {frac} | {clocks} |")
         lines.append("")
     return "\n".join(lines)
 
