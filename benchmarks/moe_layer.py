@@ -411,7 +411,7 @@ def table(data) -> str:
             prmc, tf, ceil = (res.get(f"{m}|{mode}") for m in ("prmc", "tf grouped_mm+Inductor", "cuBLAS bmm ceiling"))
             speedup = _speedups(prmc, tf) if prmc and tf else "n/a"
             frac = f"{prmc['tflops'] / ceil['tflops']:.0%}" if prmc and ceil else "n/a"
-            clocks = "; ".join("/".join(str(c) for c in r.get("mhz_rounds", []) if c) or "n/a" for r in (prmc, tf) if r)
+            clocks = "; ".join("/".join(str(c) for c in (r or {}).get("mhz_rounds", []) if c) or "n/a" for r in (prmc, tf))
             label = f"{name} ({hidden}, {inter}, {experts}, {top_k}{', ' + str(hot) + ' hot' if hot else ''})"
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {speedup} | {frac} | {clocks} |")
         lines.append("")
