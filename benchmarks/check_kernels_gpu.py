@@ -81,13 +81,18 @@ def check_sort_by_expert() -> list[str]:
     return failed
 
 
+def gluon_runs(case: Case) -> bool:
+    """Whether the Gluon kernels can run the case at all: on Hopper, in 16 bits."""
+    return torch.cuda.get_device_capability() == (9, 0) and gluon_gemm.gluon is not None and case.dtype != torch.float32
+
+
 def gluon_products(case: Case) -> int:
     """How many products of the case's two passes (scaled, unscaled) must take the Gluon kernel
     (gluon_gemm.weight_operand): on Hopper in 16 bits, each product whose weight view no tile can leave an expert
     in (columns whole tiles of 256, or 128 per half when gated, where K is contiguous; K whole steps of 64 where
     the columns are): down fwd (W_down.T), grad_h (W_down), the gated gate_up forward (W_gate_up.T) and grad_x
     (W_gate_up)."""
-    if torch.cuda.get_device_capability() != (9, 0) or gluon_gemm.gluon is None or case.dtype == torch.float32:
+    if not gluon_runs(case):
         return 0
     h, i, f = case.hidden, case.inter, case.inter * (2 if case.gated else 1)
     if case.transposed_weights:  # storage [E, I, H] and [E, H, F]
@@ -100,7 +105,7 @@ def gluon_products(case: Case) -> int:
 def gluon_weight_grads(case: Case) -> int:
     """How many weight gradients of the case's two passes must take the Gluon kernel (gluon_weight_grad.takes):
     on Hopper in 16 bits, each whose gradient's rows are whole 128-row tiles (P: H for W_down, F for W_gate_up)."""
-    if torch.cuda.get_device_capability() != (9, 0) or gluon_gemm.gluon is None or case.dtype == torch.float32:
+    if not gluon_runs(case):
         return 0
     f = case.inter * (2 if case.gated else 1)
     return 2 * ((case.hidden % 128 == 0) + (f % 128 == 0))

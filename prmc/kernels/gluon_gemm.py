@@ -174,6 +174,18 @@ if gluon is not None:
         gl.store(c_ptr + rows.to(gl.int64)[:, None] * stride_cm + cols[None, :], tile, mask=mask)
 
     @gluon.jit
+    def _store_masked_outputs(c_ptr, stride_cm, h_ptr, stride_hm, out, up, h, off_m, off_n, row_end, N,
+                              GATED: gl.constexpr, layout: gl.constexpr):  # fmt: skip
+        """A tile's outputs with a masked store each: c's tile ``out``; gated, ``out`` and ``up`` are c's gate and up
+        halves (N columns apart) and ``h`` is h's tile."""
+        BM: gl.constexpr = out.shape[0]
+        BN: gl.constexpr = out.shape[1]
+        _store_masked(c_ptr, stride_cm, out, off_m, off_n, row_end, N, BM, BN, layout)
+        if GATED:
+            _store_masked(c_ptr + N, stride_cm, up, off_m, off_n, row_end, N, BM, BN, layout)
+            _store_masked(h_ptr, stride_hm, h, off_m, off_n, row_end, N, BM, BN, layout)
+
+    @gluon.jit
     def _tma_store_tile(desc, c_smem, tile, off_m, off_n):
         """An output tile that lies within its group, by TMA through ``c_smem`` (free: the caller waited)."""
         c_smem.store(tile)
@@ -272,15 +284,15 @@ if gluon is not None:
                     tma.store_wait(pendings=1)  # the gate tile has left its buffer
                     _tma_store_tile(h_desc, c_smem.index(0), h, off_m, off_n)
                 else:
-                    _store_masked(c_ptr, stride_cm, gate, off_m, off_n, row_end, N, BM, BN, store_layout)
-                    _store_masked(c_ptr + N, stride_cm, up, off_m, off_n, row_end, N, BM, BN, store_layout)
-                    _store_masked(h_ptr, stride_hm, h, off_m, off_n, row_end, N, BM, BN, store_layout)
+                    _store_masked_outputs(c_ptr, stride_cm, h_ptr, stride_hm, gate, up, h, off_m, off_n, row_end, N,
+                                          GATED, store_layout)  # fmt: skip
             else:
                 out = acc.to(dtype)
                 if full:
                     _tma_store_tile(c_desc, c_smem.index(0), out, off_m, off_n)
                 else:
-                    _store_masked(c_ptr, stride_cm, out, off_m, off_n, row_end, N, BM, BN, store_layout)
+                    _store_masked_outputs(c_ptr, stride_cm, h_ptr, stride_hm, out, out, out, off_m, off_n, row_end, N,
+                                          GATED, store_layout)  # fmt: skip
             t, e, first, row_begin, row_end, group_tiles = n_t, n_e, n_first, n_row_begin, n_row_end, n_group_tiles
             off_m, pid_n, b_row = n_off_m, n_pid_n, n_b_row
         tma.store_wait(pendings=0)
@@ -293,10 +305,8 @@ if gluon is not None:
         for blk in range(pid, gl.cdiv(M - routed, BM) * num_n, programs):
             off_m = routed + (blk // num_n) * BM
             off_n = (blk % num_n) * BN
-            _store_masked(c_ptr, stride_cm, zeros, off_m, off_n, M, N, BM, BN, store_layout)
-            if GATED:
-                _store_masked(c_ptr + N, stride_cm, zeros, off_m, off_n, M, N, BM, BN, store_layout)
-                _store_masked(h_ptr, stride_hm, zeros, off_m, off_n, M, N, BM, BN, store_layout)
+            _store_masked_outputs(c_ptr, stride_cm, h_ptr, stride_hm, zeros, zeros, zeros, off_m, off_n, M, N, GATED,
+                                  store_layout)  # fmt: skip
 
 
 def grouped_gemm(
