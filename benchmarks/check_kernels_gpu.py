@@ -122,8 +122,11 @@ def main(only: list[str]) -> int:
             continue
         start = time.perf_counter()
         ran, ran_k = [], []  # the Gluon row products and weight gradients of the case
-        gluon_gemm.grouped_gemm = lambda *args: ran.append(1) or launch(*args)
-        gluon_weight_grad.k_grouped_mm = lambda *args: ran_k.append(1) or launch_k(*args)
+        # (each launch noted with whether it gathers its rows by cp.async)
+        gluon_gemm.grouped_gemm = lambda *args: ran.append(len(args) > 6 and args[6] is not None) or launch(*args)
+        gluon_weight_grad.k_grouped_mm = lambda *args: ran_k.append(len(args) > 3 and args[3] is not None) or launch_k(
+            *args
+        )
         try:
             errors = check_case(case, "cuda")
         finally:
@@ -137,7 +140,8 @@ def main(only: list[str]) -> int:
         failed += [f"{name}: {k}" for k in bad]
         status = "ok" if not bad else f"FAIL {bad}"
         print(f"{name:42s} worst {worst} {errors[worst]:.2e} ({time.perf_counter() - start:.1f} s, "
-              f"{len(ran)} Gluon products, {len(ran_k)} weight grads) {status}")  # fmt: skip
+              f"{len(ran)} Gluon products ({sum(ran)} gathered), {len(ran_k)} weight grads ({sum(ran_k)} gathered)) "
+              f"{status}")  # fmt: skip
     failed += check_sort_by_expert()
     errors = check_ops_autograd()
     bad = {k: v for k, v in errors.items() if not v <= TOLERANCE[torch.bfloat16]}

@@ -227,6 +227,7 @@ def breakdown(name, tokens, device) -> None:
     from prmc.kernels.gather_rows import gather_rows
     from prmc.kernels.grouped_gemm import grouped_gemm, grouped_gemm_kernel
     from prmc.kernels.mlp_grad_rows import mlp_grad_rows
+    from prmc.kernels.triton_moe import gathered_row_weight, weight_grad_gathers
     from prmc.kernels.weight_grad import weight_grad, weight_grad_kernel
 
     def tile(config):
@@ -257,45 +258,67 @@ def breakdown(name, tokens, device) -> None:
         (label, part), *others = choices
         return {label: part, **{"  alt " + other: alt for other, alt in others}}
 
-    def row_choices(product, a, b, c, flops, h=None):
-        """The Gluon and Triton kernels for a row product (``h``: the gated gate_up epilogue), the one the layer
-        runs first (_row_product)."""
+    def row_choices(product, a, b, c, flops, h=None, src=None):
+        """The Gluon and Triton kernels for a row product (``h``: the gated gate_up epilogue; ``src``: ``a`` is
+        ``src[rows]``, and the Gluon kernel gathering src's rows comes first where the layer runs it), the one the
+        layer runs first (_row_product)."""
         if h is None:
             triton_run = lambda: grouped_gemm("store", a, offsets, b, c, n=c.shape[1])  # noqa: E731
         else:
             triton_run = lambda: grouped_gemm("gate_up", a, offsets, b, c, n=h.shape[1], h=h, gated=True)  # noqa: E731
         kind = "" if h is None else ", act"
-        triton_choice = (f"{product} (Triton TMA{kind})", (triton_run, flops))
+        choices = [(f"{product} (Triton TMA{kind})", (triton_run, flops))]
         weight = gluon_gemm.weight_operand(a, b, c, h)
-        if weight is None:
-            return [triton_choice]
-        return [(f"{product} (Gluon{kind})", (lambda: gluon_gemm.grouped_gemm(a, offsets, weight, c, h), flops)), triton_choice]
+        if weight is not None:
+            run = lambda: gluon_gemm.grouped_gemm(a, offsets, weight, c, h)  # noqa: E731
+            choices.insert(0, (f"{product} (Gluon{kind})", (run, flops)))
+        gathered = gathered_row_weight(src, rows, b, c, h, h is not None) if src is not None else None
+        if gathered is not None:
+            run = lambda: gluon_gemm.grouped_gemm(src, offsets, gathered, c, h, "silu", rows)  # noqa: E731
+            choices.insert(0, (f"{product} (Gluon{kind}, gathered)", (run, flops)))
+        return choices
 
-    def k_choices(product, left, right, shape, flops, per_expert=False):
-        """A weight gradient's kernels in the layer's order (_weight_grad, experts_backward): the Gluon kernel where it
-        takes the operands, with ``per_expert`` cuBLAS per expert, then CUTLASS."""
+    def k_choices(product, left, right, shape, flops, per_expert=False, src=None):
+        """A weight gradient's kernels in the layer's order (_weight_grad, experts_backward): the Gluon kernel gathering
+        ``src``'s rows (``left`` is ``src[rows]``) where the layer runs it, the Gluon kernel where it takes the
+        operands, with ``per_expert`` cuBLAS per expert, then CUTLASS."""
+        gather_run = lambda: gluon_weight_grad.k_grouped_mm(src, right, offsets, rows)  # noqa: E731
+        gathered = [(f"{product} (Gluon, gathered)", (gather_run, flops))]
         gluon = [(f"{product} (Gluon)", (lambda: gluon_weight_grad.k_grouped_mm(left, right, offsets), flops))]
         cublas_mm = [(f"{product} (cuBLAS per expert)", (lambda: cublas.k_mm(left, right, bounds), flops))]
         return (
-            (gluon if gluon_weight_grad.takes(left, right, shape) else [])
+            (gathered if src is not None and weight_grad_gathers(src, rows, right, shape) else [])
+            + (gluon if gluon_weight_grad.takes(left, right, shape) else [])
             + (cublas_mm if per_expert else [])
             + [(f"{product} (CUTLASS)", (lambda: cutlass.k_grouped_mm(left, right, offsets), flops))]
         )
+
+    def gather(src, label, copied):
+        """src[rows] as its own pass: in the sum where the layer makes the copy, else an alt line (the copy that the
+        lines "(Gluon)" and "(Triton TMA)" below it read)."""
+        return {("" if copied else "  alt ") + label: (lambda: gather_rows(src, rows), 0)}
+
+    # Where the layer gathers in the GEMMs instead of copying (_row_product, _weight_grad): the gate_up forward,
+    # and grad_out's rows unless the down weight gradient reads a copy (grad_h gathers either way).
+    x_copied = gathered_row_weight(x, rows, w_gate_up.transpose(1, 2), preact, h, True) is None
+    grad_out_copied = gathered_row_weight(grad_out, rows, w_down, g_alt) is None or not weight_grad_gathers(
+        grad_out, rows, hs, w_down.shape
+    )
     parts = {
         "sort_by_expert": (lambda: torch.ops.prmc.sort_by_expert(ids, experts), 0),
-        "gather x rows (fwd)": (lambda: gather_rows(x, rows), 0),
-        **ranked(*row_choices("gate_up fwd", x_rows, w_gate_up.transpose(1, 2), preact, 2 * gemm, h)),
+        **gather(x, "gather x rows (fwd)", x_copied),
+        **ranked(*row_choices("gate_up fwd", x_rows, w_gate_up.transpose(1, 2), preact, 2 * gemm, h, src=x)),
         "  alt gate_up fwd (Triton, gather on load)": (lambda: grouped_gemm("gate_up", x, offsets, w_gate_up.transpose(1, 2), preact, n=inter, a_rows=rows, h=h, gated=True), 2 * gemm),
         "  alt gate_up fwd (gather on load, no TMA)": (lambda: grouped_gemm("gate_up", x, offsets, w_gate_up.transpose(1, 2), preact, n=inter, a_rows=rows, h=h, gated=True, tma=False), 2 * gemm),
         **ranked(*row_choices("down fwd", h, w_down.transpose(1, 2), y, gemm)),
         "  alt down fwd (CUTLASS)": (lambda: cutlass.row_grouped_mm(h, w_down.transpose(1, 2), offsets), gemm),
         "down fwd combine (scale)": (lambda: combine_rows(y, inverse, top_k, offsets, scale), 0),
-        "gather grad_out rows": (lambda: gather_rows(grad_out, rows), 0),
-        **ranked(*row_choices("down grad_h", grad_out_rows, w_down, g_alt, gemm)),
+        **gather(grad_out, "gather grad_out rows", grad_out_copied),
+        **ranked(*row_choices("down grad_h", grad_out_rows, w_down, g_alt, gemm, src=grad_out)),
         "  alt down grad_h (CUTLASS)": (lambda: cutlass.row_grouped_mm(grad_out_rows, w_down, offsets), gemm),
         "  alt down grad_h (Triton, gather on load)": (lambda: grouped_gemm("store", grad_out, offsets, w_down, g_alt, n=inter, a_rows=rows), gemm),
         "mlp_grad_rows (d preact, grad_scale, scale*h)": (lambda: mlp_grad_rows(g, preact, offsets, scale, order, "silu", True), 0),
-        **ranked(*k_choices("down grad_w", grad_out_rows, hs, w_down.shape, gemm)),
+        **ranked(*k_choices("down grad_w", grad_out_rows, hs, w_down.shape, gemm, src=grad_out)),
         "  alt down grad_w (Triton TMA)": (lambda: weight_grad(grad_out_rows, hs, offsets, grad_w_down), gemm),
         "  alt down grad_w (Triton, gather on load)": (lambda: weight_grad(grad_out, hs, offsets, grad_w_down, left_rows=rows), gemm),
         **ranked(*row_choices("gate_up grad_x", dpre, w_gate_up, y, 2 * gemm)),

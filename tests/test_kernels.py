@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -40,6 +41,10 @@ CASES = {
     "bf16-relu-cutlass-ungated-one-group": Case(40, 32, 24, 4, 1, dtype=torch.bfloat16, activation="relu", gated=False, hot=1),
     # few large experts: CUTLASS and one cuBLAS mm per expert (here torch.mm on CPU); expert 0 empty
     "bf16-silu-cublas-skewed-unrouted": Case(37, 48, 40, 5, 2, dtype=torch.bfloat16, hot=2, unrouted=3),
+    # the Hopper bf16 composition around the Gluon kernels (here torch stand-ins): rows gathered in the GEMMs where
+    # the layer does, else copies read through TMA (MAX_GATHERED_COLUMNS exceeded: Mixtral-class widths)
+    "bf16-silu-gluon-gathered-unrouted": Case(37, 48, 40, 5, 2, dtype=torch.bfloat16, unrouted=3),
+    "bf16-gelu-gluon-wide-skewed": Case(29, 40, 24, 4, 3, dtype=torch.bfloat16, activation="gelu", hot=1, unrouted=5),
 }  # fmt: skip
 
 # fp32 products are exact; half precision pays the interpreter's truncating rounding (see above).
@@ -66,7 +71,8 @@ def interpreter_errors() -> dict[str, dict[str, float]]:
 def test_kernels_match_reference(name, interpreter_errors):
     case = CASES[name]
     errors = interpreter_errors[name]
-    assert len(errors) == 11, sorted(errors)  # every output and gradient, with and without routing weights
+    # every output and gradient, with and without routing weights (and, with Gluon stand-ins, the launches)
+    assert len(errors) == 11 + ("gluon" in name), sorted(errors)
     bad = {k: v for k, v in errors.items() if not v <= TOLERANCE[case.dtype]}
     assert not bad, f"{name}: relative errors over {TOLERANCE[case.dtype]:g}: {bad}"
 
@@ -116,7 +122,8 @@ def test_cublas_per_expert_weight_grad(dtype):
 def _compile_for_hopper(kernel, signature: dict, constants: dict):
     """A Gluon kernel compiled for sm90a with the installed Triton (Gluon has no interpreter, so its numbers are
     checked on the GPU: benchmarks/check_kernels_gpu.py). ``signature``: its arguments' types, where a tensor
-    descriptor is given by (dtype, block)."""
+    descriptor is given by (dtype, block). Pointers and strides are taken 16-aligned, as the launcher's
+    specialization finds them at the model's sizes (the cp.async gathers need 16-byte source rows)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -128,18 +135,24 @@ def _compile_for_hopper(kernel, signature: dict, constants: dict):
         return f"tensordesc<{dtype}[{block[0]}, {block[1]}],{layout!r}>"
 
     signature = {name: descriptor(*kind) if isinstance(kind, tuple) else kind for name, kind in signature.items()}
-    source = GluonASTSource(kernel, {**signature, **{name: "constexpr" for name in constants}}, constants)
+    aligned = {
+        (kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+        for name, kind in signature.items() if kind.startswith("*") or name.startswith("stride")
+    }  # fmt: skip
+    source = GluonASTSource(kernel, {**signature, **{name: "constexpr" for name in constants}}, constants, aligned)
     return triton.compile(source, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=constants["num_warps"]))
 
 
 @pytest.mark.parametrize(
-    "k_contig, gated, activation",
-    [(k_contig, gated, "silu") for k_contig in (True, False) for gated in (False, True)]
-    + [(True, True, activation) for activation in ("gelu", "gelu_tanh", "relu")],
+    "k_contig, gated, activation, gather",
+    [(k_contig, gated, "silu", False) for k_contig in (True, False) for gated in (False, True)]
+    + [(True, True, activation, False) for activation in ("gelu", "gelu_tanh", "relu")]
+    + [(False, False, "silu", True), (True, True, "silu", True)],  # grad_h and the gate_up forward, gathered
 )
-def test_gluon_gemm_compiles_for_hopper(k_contig, gated, activation):
-    """The Gluon row-grouped kernel as the store product and as the gated one (every activation): a Gluon API change
-    fails in CI, not on a user's GPU. Its PTX must hold the TMA copies and 256-wide wgmma products (gated: the gate
+def test_gluon_gemm_compiles_for_hopper(k_contig, gated, activation, gather):
+    """The Gluon row-grouped kernel as the store product and as the gated one (every activation), reading A through
+    TMA or gathering its rows: a Gluon API change fails in CI, not on a user's GPU. Its PTX must hold the TMA copies
+    (gathered: 16-byte cp.async copies, waited for before the wgmma) and 256-wide wgmma products (gated: the gate
     and up tiles in one), and its shared memory must fit a Hopper multiprocessor."""
     from prmc.kernels import gluon_gemm as gg
 
@@ -147,24 +160,30 @@ def test_gluon_gemm_compiles_for_hopper(k_contig, gated, activation):
         pytest.skip("this Triton has no Gluon")
     block_n = gg.BLOCK_N[gated]
     b_block = [block_n, gg.BLOCK_K] if k_contig else [gg.BLOCK_K, block_n]
-    constants = dict(K_CONTIG=k_contig, GATED=gated, ACTIVATION=activation, STAGES=gg.STAGES, GROUP=gg.GROUP, num_warps=gg.NUM_WARPS)
+    constants = dict(K_CONTIG=k_contig, GATED=gated, ACTIVATION=activation, GATHER=gather, STAGES=gg.STAGES, GROUP=gg.GROUP, num_warps=gg.NUM_WARPS)
     c_block = ("bf16", [gg.BLOCK_M, block_n])
     signature = dict(
         a_desc=("bf16", [gg.BLOCK_M, gg.BLOCK_K]), b_desc=("bf16", b_block), c_desc=c_block, h_desc=c_block,
-        c_ptr="*bf16", stride_cm="i32", h_ptr="*bf16", stride_hm="i32", offsets_ptr="*i32", M="i32", N="i32", K="i32",
-        E="i32",
+        a_ptr="*bf16", stride_am="i32", a_rows_ptr="*i64", c_ptr="*bf16", stride_cm="i32", h_ptr="*bf16",
+        stride_hm="i32", offsets_ptr="*i32", M="i32", N="i32", K="i32", E="i32",
     )  # fmt: skip
     kernel = _compile_for_hopper(gg.grouped_gemm_kernel, signature, constants)
     ptx = kernel.asm["ptx"]
     assert "cp.async.bulk.tensor" in ptx and "wgmma.mma_async.sync.aligned.m64n256k16" in ptx  # gated: both halves
+    assert ("cp.async.cg.shared.global" in ptx and "cp.async.wait_group" in ptx) == gather
+    if gather:  # 16 bytes per copy
+        assert set(re.findall(r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)", ptx)) == {"0x10"}
     assert kernel.metadata.shared <= 232448  # bytes of shared memory a Hopper block may have
 
 
-@pytest.mark.parametrize("dtype, transposed", [("bf16", False), ("fp16", False), ("bf16", True)])
-def test_gluon_weight_grad_compiles_for_hopper(dtype, transposed):
-    """The Gluon K-grouped weight-gradient kernel, as above (also with its tiles over the transposed product): TMA
-    copies, 256-wide wgmma products with the L tile transposed, the last k-step's L tile read into registers
-    transposed (``ldmatrix .trans``) to zero the next group's rows, and shared memory that fits."""
+@pytest.mark.parametrize(
+    "dtype, transposed, gather", [("bf16", False, False), ("fp16", False, False), ("bf16", True, False), ("bf16", False, True), ("bf16", True, True)]
+)  # fmt: skip
+def test_gluon_weight_grad_compiles_for_hopper(dtype, transposed, gather):
+    """The Gluon K-grouped weight-gradient kernel, as above (also with its tiles over the transposed product, and
+    with L's rows gathered): TMA copies (gathered, 16-byte cp.async copies of L), 256-wide wgmma products with the L
+    tile transposed, the last k-step's L tile read into registers transposed (``ldmatrix .trans``) to zero the next
+    group's rows, and shared memory that fits."""
     from prmc.kernels import gluon_weight_grad as wg
 
     if wg.gluon is None:
@@ -172,12 +191,15 @@ def test_gluon_weight_grad_compiles_for_hopper(dtype, transposed):
     signature = dict(
         l_desc=(dtype, [wg.BLOCK_K, wg.BLOCK_P]), r_desc=(dtype, [wg.BLOCK_K, wg.BLOCK_Q]),
         o_desc=(dtype, [wg.BLOCK_Q, wg.BLOCK_P] if transposed else [wg.BLOCK_P, wg.BLOCK_Q]), o_ptr=f"*{dtype}",
-        offsets_ptr="*i32", P="i32", Q="i32", E="i32",
+        offsets_ptr="*i32", l_ptr=f"*{dtype}", stride_l="i32", rows_ptr="*i64", M="i32", P="i32", Q="i32", E="i32",
     )  # fmt: skip
-    constants = dict(TRANSPOSED=transposed, STAGES=wg.STAGES, GROUP=wg.GROUP, num_warps=wg.NUM_WARPS)
+    constants = dict(TRANSPOSED=transposed, GATHER=gather, STAGES=wg.STAGES, GROUP=wg.GROUP, num_warps=wg.NUM_WARPS)
     kernel = _compile_for_hopper(wg.weight_grad_kernel, signature, constants)
     ptx = kernel.asm["ptx"]
     assert "cp.async.bulk.tensor" in ptx and "ldmatrix.sync.aligned.m8n8.x4.trans" in ptx
+    assert ("cp.async.cg.shared.global" in ptx and "cp.async.wait_group" in ptx) == gather
+    if gather:  # 16 bytes per copy
+        assert set(re.findall(r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)", ptx)) == {"0x10"}
     assert f"wgmma.mma_async.sync.aligned.m64n256k16.f32.{dtype[0]}" in ptx
     assert kernel.metadata.shared <= 232448
 
@@ -330,9 +352,63 @@ EXTRA_CHECKS = {
 }
 
 
+def _gluon_stand_ins(name: str) -> dict[str, float]:
+    """check_case with the Gluon launchers replaced by torch products of the same contract, and TMA taken to read
+    every operand: the layer's choice of gathering in the GEMM or reading one copy (triton_moe._Routed), which
+    operand each GEMM gathers, by which rows. Counts the launches that gathered and the copies made."""
+    from prmc.kernels import gluon_gemm, gluon_weight_grad, triton_moe
+
+    def weight_operand(a, b, c, h=None, a_rows=None):
+        return (b, a_rows is not None) if a.dtype == torch.bfloat16 else None
+
+    def row_product(a, offsets, weight, c, h=None, activation="silu", a_rows=None):
+        b, gathered = weight
+        assert gathered == (a_rows is not None)
+        ran.append("row gathered" if gathered else "row")
+        a = a[a_rows] if gathered else a
+        c.copy_(_row_products(a, b, offsets))
+        if h is not None:
+            h.copy_(reference.activate(c.float(), activation, True))
+
+    def k_grouped_mm(left, right, offsets, left_rows=None):
+        ran.append("k gathered" if left_rows is not None else "k")
+        return _k_products(left[left_rows] if left_rows is not None else left, right, offsets).to(left.dtype)
+
+    def gather_rows(src, rows):
+        ran.append("copy")
+        return saved["gather_rows"](src, rows)
+
+    stand_ins = dict(
+        weight_operand=(gluon_gemm, weight_operand), grouped_gemm=(gluon_gemm, row_product),
+        takes=(gluon_weight_grad, lambda left, right, shape, left_rows=None: left.dtype == torch.bfloat16),
+        k_grouped_mm=(gluon_weight_grad, k_grouped_mm), tma_reads=(triton_moe, lambda t: True),
+        gather_rows=(triton_moe, gather_rows),
+        MAX_GATHERED_COLUMNS=(triton_moe, 0 if "wide" in name else triton_moe.MAX_GATHERED_COLUMNS),
+    )  # fmt: skip
+    saved = {key: getattr(module, key) for key, (module, _) in stand_ins.items()}
+    ran = []
+    for key, (module, value) in stand_ins.items():
+        setattr(module, key, value)
+    try:
+        errors = check_case(CASES[name], "cpu")
+    finally:
+        for key, (module, _) in stand_ins.items():
+            setattr(module, key, saved[key])
+    # Per pass (scaled, unscaled). Gathered in the GEMMs: the gate_up forward, grad_h, the down weight gradient
+    # (one copy: x's for the gate_up weight gradient). Past MAX_GATHERED_COLUMNS only grad_h gathers: three copies,
+    # grad_out's read by the down weight gradient alone.
+    gathered = ["row gathered", "row", "row gathered", "k gathered", "row", "copy", "k"]
+    wide = ["copy", "row", "row", "row gathered", "copy", "k", "row", "copy", "k"]
+    expected = 2 * (wide if "wide" in name else gathered)
+    errors["launches as expected"] = float(ran != expected)
+    return errors
+
+
 def run_case(name: str) -> dict[str, float]:
     if name in EXTRA_CHECKS:
         return EXTRA_CHECKS[name]()
+    if "gluon" in name:
+        return _gluon_stand_ins(name)
     if "cutlass" not in name and "cublas" not in name:
         return check_case(CASES[name], "cpu")
     from prmc.kernels import cublas, cutlass

@@ -17,6 +17,13 @@ group's R rows then add nothing. (Finite ones: a non-finite value there, which a
 gradient non-finite, would reach this expert's too.) Every other k-step reads both operands from shared memory,
 L transposed on the fly (``wgmma`` takes a 16-bit A operand in either order).
 
+Gathered (``left_rows``: the down gradient's L is ``grad_out[rows]``), every thread copies its share of each k-step's
+L tile, 16 bytes per copy, by cp.async from the rows that ``left_rows`` names, looked up one k-step ahead; the CTA
+meets as in the gathered row kernel. Only L, the 128-column tile, is gathered: the 256-column R tile gathered ran
+17-26% slower than TMA on a copy (v14), so the gate_up gradient's ``x[rows]`` stays a copy. Measured on the down
+gradient (v14, results/gluon_gather_probe_v14.log): 8-10% slower than on gather_rows' copy, which is 0.05 ms less
+than the copy takes at I = 768-1024 (at Mixtral's I = 14336, 0.34 ms more: triton_moe.MAX_GATHERED_COLUMNS).
+
 Where Q is no whole number of 256-wide tiles but the transposed product's dimensions are whole tiles
 (DeepSeek-V2-Lite's down gradient: Q = I = 1408, 5.5 tiles, P = H = 2048), the tiles run over ``out[e].T =
 R[g_e].T @ L[g_e]`` and leave transposed, so that no tile computes empty columns.
@@ -27,9 +34,10 @@ of the fine-grained layers (Qwen3-30B-A3B 0.408 / 0.821 ms vs 0.429 / 0.883), 9%
 6.58; cuBLAS per expert 6.09), level on Mixtral's down; transposed, a down gradient of I = 1408 0.741 vs 0.862
 (DeepSeek-V2-Lite's in the layer: 0.502 vs 0.560).
 
-Where it runs (``takes``): CUDA sm90, bf16/fp16, L [M, P] and R [M, Q] with TMA-aligned rows, P a multiple of the
-128-row tile (a tile never reaches into the next expert's matrix; transposed, Q of it and P of 256), Q rows of
-16-byte multiples. Elsewhere CUTLASS or the Triton kernel runs (:func:`prmc.kernels.triton_moe._weight_grad`).
+Where it runs (``takes``): CUDA sm90, bf16/fp16, L [M, P] (or gathered from [T, P]) and R [M, Q] with TMA-aligned
+rows, P a multiple of the 128-row tile (a tile never reaches into the next expert's matrix; transposed, Q of it and
+P of 256; gathered, never transposed), Q rows of 16-byte multiples. Elsewhere CUTLASS or the Triton kernel runs
+(:func:`prmc.kernels.triton_moe._weight_grad`).
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from prmc.kernels.gluon_gemm import gl, gluon
 
 if gluon is not None:
     from triton.experimental.gluon.language.nvidia.hopper import (
+        async_copy,
         fence_async_shared,
         mbarrier,
         tma,
@@ -49,7 +58,7 @@ if gluon is not None:
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from prmc.kernels.gluon_gemm import _store_masked, _tma_load, _tma_store
+    from prmc.kernels.gluon_gemm import _copy_rows, _cta_barrier, _row_starts, _store_masked, _tma_load, _tma_store
 
 # The row products' tile: 128 x 256 outputs over 64-row k-steps, 3 stages (four do not fit beside the output
 # buffer in shared memory).
@@ -73,13 +82,23 @@ def fits(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> bool:
     return dtype in (torch.bfloat16, torch.float16) and shape[1] % BLOCK_P == 0 and shape[2] * dtype.itemsize % 16 == 0
 
 
-def takes(left: torch.Tensor, right: torch.Tensor, shape: torch.Size) -> bool:
-    """Whether this kernel computes the [E, P, Q] = ``shape`` gradient from ``left`` [M, P] and ``right`` [M, Q]:
-    ``fits``, one dtype, rows of both TMA-aligned with unit column stride."""
+def takes(left: torch.Tensor, right: torch.Tensor, shape: torch.Size, left_rows: torch.Tensor | None = None) -> bool:
+    """Whether this kernel computes the [E, P, Q] = ``shape`` gradient from ``left[left_rows]`` (``left`` itself
+    without rows) [M, P] and ``right`` [M, Q]: ``fits``, one dtype, rows of both TMA-aligned with unit column stride.
+    Gathered, only over the untransposed tiles (``_transposed``), where the gathered L tile is 128 columns wide:
+    the 256 columns of R's ran 17-26% slower by cp.async (v14)."""
+    m = left.shape[0]
+    if left_rows is not None:
+        m = left_rows.shape[0]
+        if _transposed(*shape[1:]) or not (
+            left_rows.dim() == 1 and left_rows.stride(0) == 1 and left_rows.dtype in (torch.int32, torch.int64)
+            and left_rows.device == left.device
+        ):  # fmt: skip
+            return False
     return (
         fits(shape, left.dtype, left.device)
         and left.dtype == right.dtype
-        and left.shape[0] == right.shape[0] > 0
+        and m == right.shape[0] > 0
         and (left.shape[1], right.shape[1]) == tuple(shape[1:])
         and all(t.stride(1) == 1 and tma_reads(t) for t in (left, right))
     )
@@ -114,12 +133,35 @@ if gluon is not None:
         return t, e, off_p, off_q, begin, end
 
     @gluon.jit
-    def _load(l_desc, r_desc, bars, l_bufs, r_bufs, produced, row, off_p, off_q, pred, STAGES: gl.constexpr):
-        """The L and R tiles of the k-step at ``row`` into stage ``produced % STAGES``."""
+    def _load(l_desc, r_desc, bars, l_bufs, r_bufs, produced, row, off_p, off_q, pred, l_ptr, l_index,
+              STAGES: gl.constexpr, GATHER: gl.constexpr, l_layout: gl.constexpr):  # fmt: skip
+        """The L and R tiles of the k-step at ``row`` into stage ``produced % STAGES``. Gathered (``GATHER``), L's
+        rows by cp.async from the source rows at ``l_index`` (``_row_starts``; one commit group per k-step)."""
         s = produced % STAGES
-        mbarrier.expect(bars.index(s), l_desc.block_type.nbytes + r_desc.block_type.nbytes, pred=pred)
-        _tma_load(l_desc, [row, off_p], bars.index(s), l_bufs.index(s), pred)
+        if GATHER:
+            _copy_rows(l_bufs.index(s), l_ptr, l_index, off_p, l_layout)
+            async_copy.commit_group()
+            mbarrier.expect(bars.index(s), r_desc.block_type.nbytes, pred=pred)
+        else:
+            mbarrier.expect(bars.index(s), l_desc.block_type.nbytes + r_desc.block_type.nbytes, pred=pred)
+            _tma_load(l_desc, [row, off_p], bars.index(s), l_bufs.index(s), pred)
         _tma_load(r_desc, [row, off_q], bars.index(s), r_bufs.index(s), pred)
+
+    @gluon.jit
+    def _landed(GATHER: gl.constexpr):
+        """Gathered: every thread's copies of the step about to be consumed have landed (those of the step loaded
+        after it may be in flight) and the CTA has met, so both warpgroups' wgmma see them."""
+        if GATHER:
+            async_copy.wait_group(1)
+            fence_async_shared()
+            _cta_barrier()
+
+    @gluon.jit
+    def _free(GATHER: gl.constexpr):
+        """Gathered: the CTA meets before a load, so that both warpgroups are done with the wgmma that last read the
+        stage it overwrites (each thread's copies cover columns of L that both warpgroups' halves read)."""
+        if GATHER:
+            _cta_barrier()
 
     @gluon.jit
     def _mma(l_bufs, r_bufs, bars, acc, consumed, use_acc, STAGES: gl.constexpr):
@@ -152,8 +194,9 @@ if gluon is not None:
             return e * P + off_p, off_q, E * P, Q
 
     @gluon.jit
-    def weight_grad_kernel(l_desc, r_desc, o_desc, o_ptr, offsets_ptr, P, Q, E, TRANSPOSED: gl.constexpr,
-                           STAGES: gl.constexpr, GROUP: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+    def weight_grad_kernel(l_desc, r_desc, o_desc, o_ptr, offsets_ptr, l_ptr, stride_l, rows_ptr, M, P, Q, E,
+                           TRANSPOSED: gl.constexpr, GATHER: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr,
+                           num_warps: gl.constexpr):  # fmt: skip
         BP: gl.constexpr = l_desc.block_type.shape[1]
         BQ: gl.constexpr = r_desc.block_type.shape[1]
         BK: gl.constexpr = l_desc.block_type.shape[0]
@@ -163,6 +206,8 @@ if gluon is not None:
             version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BQ, 16]
         )
         store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+        # A gathered L tile: a 16-byte copy (8 elements) per thread along a row, 16 threads across the row.
+        l_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // BP, BP // 8], [num_warps, 1], [1, 0])
 
         num_q = gl.cdiv(Q, BQ)
         tiles_per_expert = (P // BP) * num_q
@@ -179,23 +224,37 @@ if gluon is not None:
 
         t, e, off_p, off_q, begin, end = _next_tile(pid, programs, total, tiles_per_expert, num_q, offsets_ptr, E, BP,
                                                     BQ, GROUP)  # fmt: skip
-        _load(l_desc, r_desc, bars, l_bufs, r_bufs, 0, begin, off_p, off_q, t < total, STAGES)
+        # Gathered, each k-step's source rows are looked up one load ahead (the lookup's latency is then hidden,
+        # except at a tile's first k-step).
+        l_index = _row_starts(rows_ptr, begin, M, stride_l, BK, GATHER, l_layout)
+        _load(l_desc, r_desc, bars, l_bufs, r_bufs, 0, begin, off_p, off_q, t < total, l_ptr, l_index, STAGES, GATHER,
+              l_layout)  # fmt: skip
+        l_index = _row_starts(rows_ptr, begin + BK, M, stride_l, BK, GATHER, l_layout)
         produced = 1
         consumed = 0
         acc = gl.zeros((BP, BQ), dtype=gl.float32, layout=acc_layout)
         while t < total:
             kt = gl.cdiv(end - begin, BK)
             for k in range(kt - 1):
-                _load(l_desc, r_desc, bars, l_bufs, r_bufs, produced, begin + (k + 1) * BK, off_p, off_q, True, STAGES)
+                _free(GATHER)
+                _load(l_desc, r_desc, bars, l_bufs, r_bufs, produced, begin + (k + 1) * BK, off_p, off_q, True, l_ptr,
+                      l_index, STAGES, GATHER, l_layout)  # fmt: skip
+                l_index = _row_starts(rows_ptr, begin + (k + 2) * BK, M, stride_l, BK, GATHER, l_layout)
                 produced += 1
+                _landed(GATHER)
                 acc = _mma(l_bufs, r_bufs, bars, acc, consumed, k > 0, STAGES)
                 consumed += 1
             # The next tile's first loads go out under this tile's last k-step and its epilogue.
             n_t, n_e, n_off_p, n_off_q, n_begin, n_end = _next_tile(
                 t + programs, programs, total, tiles_per_expert, num_q, offsets_ptr, E, BP, BQ, GROUP
             )
-            _load(l_desc, r_desc, bars, l_bufs, r_bufs, produced, n_begin, n_off_p, n_off_q, n_t < total, STAGES)
+            l_index = _row_starts(rows_ptr, n_begin, M, stride_l, BK, GATHER, l_layout)
+            _free(GATHER)
+            _load(l_desc, r_desc, bars, l_bufs, r_bufs, produced, n_begin, n_off_p, n_off_q, n_t < total, l_ptr,
+                  l_index, STAGES, GATHER, l_layout)  # fmt: skip
+            l_index = _row_starts(rows_ptr, n_begin + BK, M, stride_l, BK, GATHER, l_layout)
             produced += 1
+            _landed(GATHER)
             acc = _mma_last(l_bufs, r_bufs, bars, acc, consumed, kt > 1, end - begin - (kt - 1) * BK, STAGES)
             consumed += 1
             tma.store_wait(pendings=0)  # the previous tile's output has left o_smem
@@ -207,6 +266,8 @@ if gluon is not None:
             _tma_store(o_desc, [row, col], o_smem)
             t, e, off_p, off_q, begin, end = n_t, n_e, n_off_p, n_off_q, n_begin, n_end
         tma.store_wait(pendings=0)
+        if GATHER:
+            async_copy.wait_group(0)  # (the last tile's lookahead copies, of no tile)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
 
@@ -222,9 +283,12 @@ if gluon is not None:
                 _store_masked(o_ptr, cols, zeros, row, col, rows, cols, OM, ON, store_layout)
 
 
-def k_grouped_mm(left: torch.Tensor, right: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """``out[e] = left[g_e].T @ right[g_e]`` over the groups of ``offsets`` (int32 group ends; rows past
-    ``offsets[-1]`` enter no expert): left [M, P], right [M, Q] -> [E, P, Q], where ``takes`` says."""
+def k_grouped_mm(
+    left: torch.Tensor, right: torch.Tensor, offsets: torch.Tensor, left_rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``out[e] = left[left_rows][g_e].T @ right[g_e]`` (``left`` itself without rows) over the groups of ``offsets``
+    (int32 group ends; rows past ``offsets[-1]`` enter no expert): [M, P] and [M, Q] -> [E, P, Q], where ``takes``
+    says."""
     experts, p, q = offsets.shape[0], left.shape[1], right.shape[1]
     out = left.new_empty(experts, p, q)
     dtype = gl.bfloat16 if left.dtype == torch.bfloat16 else gl.float16
@@ -232,21 +296,24 @@ def k_grouped_mm(left: torch.Tensor, right: torch.Tensor, offsets: torch.Tensor)
     def descriptor(t, block):
         return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
 
-    transposed = _transposed(p, q)
+    transposed = _transposed(p, q)  # (never with left_rows: takes)
     if transposed:  # the tiles run over out[e].T = right[g_e].T @ left[g_e]
         left, right, p, q = right, left, q, p
     o_block = [BLOCK_Q, BLOCK_P] if transposed else [BLOCK_P, BLOCK_Q]
+    # A gathered L's descriptor only gives the kernel its tile's type and shared layout.
     weight_grad_kernel[(num_programs(left.device),)](
         descriptor(left, [BLOCK_K, BLOCK_P]), descriptor(right, [BLOCK_K, BLOCK_Q]),
-        descriptor(out.view(-1, out.shape[2]), o_block), out, offsets, p, q, experts,
-        TRANSPOSED=transposed, STAGES=STAGES, GROUP=GROUP, num_warps=NUM_WARPS,
+        descriptor(out.view(-1, out.shape[2]), o_block), out, offsets, left, left.stride(0),
+        left_rows if left_rows is not None else offsets, right.shape[0], p, q, experts, TRANSPOSED=transposed,
+        GATHER=left_rows is not None, STAGES=STAGES, GROUP=GROUP, num_warps=NUM_WARPS,
     )  # fmt: skip
     return out
 
 
 if __name__ == "__main__":
     # Check against float64 (random routing; hot experts with empty ones and unrouted rows) and benchmark against
-    # CUTLASS on both weight gradients of the fine-grained layer, and on a down gradient of I = 1408.
+    # CUTLASS on both weight gradients of the fine-grained layer, and on a down gradient of I = 1408; L (a token-order
+    # matrix's routed rows, as grad_out's are in the down gradient) also gathered by cp.async where ``takes`` says.
     import triton
 
     from prmc.kernels import cutlass
@@ -255,13 +322,16 @@ if __name__ == "__main__":
     tokens, hidden, inter, experts, top_k = 8192, 2048, 768, 128, 8
     for routing in [dict(), dict(hot=4, unrouted=777)]:
         order, _, offsets = random_routing(tokens, experts, top_k, "cuda", **routing)
-        m, ends = order.shape[0], [0, *offsets.tolist()]
+        m, ends, rows = order.shape[0], [0, *offsets.tolist()], order // top_k
         # (the third: DeepSeek-V2-Lite's I, whose tiles run over the transposed product)
         for name, p, q in [("down", hidden, inter), ("gate_up", 2 * inter, hidden), ("down I=1408", hidden, 1408)]:
-            left = torch.randn(m, p, device="cuda", dtype=torch.bfloat16)
+            src = torch.randn(tokens, p, device="cuda", dtype=torch.bfloat16)
+            left = src[rows]
             right = torch.randn(m, q, device="cuda", dtype=torch.bfloat16)
             ref = torch.stack([left[s:t].double().t() @ right[s:t].double() for s, t in zip(ends, ends[1:])])
             runs = {"gluon": k_grouped_mm, "cutlass": cutlass.k_grouped_mm}
+            if takes(src, right, ref.shape, rows):
+                runs["gathered"] = lambda left, right, offsets: k_grouped_mm(src, right, offsets, rows)
             for kernel, launch in runs.items():
                 ms = triton.testing.do_bench(lambda: launch(left, right, offsets), warmup=200, rep=300)
                 out = launch(left, right, offsets)

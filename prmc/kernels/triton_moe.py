@@ -14,17 +14,20 @@ op                    kernels ("store"/"gate_up": grouped_gemm, through TMA wher
 ====================  =======================================================================================
 sort_by_expert        a counting sort in three Triton launches, giving the inverse permutation too (torch path
                       past 512 experts)
-experts               x[rows] (gather_rows, where TMA reads it; else gathered on load) -> "gate_up": GEMM with
-                      W_gate_up.T, preact + h = act(gate) * up; "store": h @ W_down.T per routed row;
-                      combine_rows (* routing weight, summed per token through ``inverse``). Keeps only preact.
-experts_backward      g = grad_out[rows] @ W_down per routed row ("store" on gather_rows' copy where TMA reads
-                      it, else gathering on load); mlp_grad_rows: d preact, grad_scale, scale * h (h
-                      recomputed from preact); grad_W_down = grad_out[rows].T @ (scale * h) (weight grad, on
-                      the same copy); grad_x = combine_rows("store": d preact @ W_gate_up);
-                      grad_W_gate_up = d preact.T @ x[rows] (weight grad, on gather_rows' copy where TMA reads
-                      it, else gathering on load). With a few large experts (cublas.takes: Mixtral-class,
-                      Hopper, bf16) grad_W_gate_up is one cuBLAS mm per expert where the Gluon kernel does
-                      not fit
+experts               x[rows] -> "gate_up": GEMM with W_gate_up.T, preact + h = act(gate) * up; "store": h @ W_down.T
+                      per routed row; combine_rows (* routing weight, summed per token through ``inverse``).
+                      Keeps only preact.
+experts_backward      g = grad_out[rows] @ W_down per routed row ("store"); mlp_grad_rows: d preact, grad_scale,
+                      scale * h (h recomputed from preact); grad_W_down = grad_out[rows].T @ (scale * h) (weight
+                      grad); grad_x = combine_rows("store": d preact @ W_gate_up); grad_W_gate_up = d preact.T @
+                      x[rows] (weight grad). With a few large experts (cublas.takes: Mixtral-class, Hopper, bf16)
+                      grad_W_gate_up is one cuBLAS mm per expert where the Gluon kernel does not fit
+====================  =======================================================================================
+routed rows           x[rows], grad_out[rows] (``_Routed``): gathered by the GEMM's own loads where it can (the
+                      Gluon kernels' cp.async: the gate_up forward, grad_h and grad_W_down on Hopper, up to
+                      MAX_GATHERED_COLUMNS; the Triton kernels' pointer loads where the GPU has no TMA), else one
+                      gather_rows copy read through TMA, shared by the GEMMs that need it (grad_W_gate_up's
+                      x[rows]; grad_W_down over transposed tiles; Mixtral-class widths)
 ====================  =======================================================================================
 
 Inputs outside what the kernels take (fp64, mixed dtypes, indices not int64/int32) fall back to the
@@ -52,27 +55,72 @@ def _kernels_take(*tensors: Tensor | None) -> bool:
     return len(dtypes) == 1 and dtypes.pop() in KERNEL_DTYPES
 
 
-def _routed_rows(t: Tensor, rows: Tensor) -> tuple[Tensor, Tensor | None]:
-    """(operand, index) for a GEMM that needs ``t[rows]``: on Hopper a gathered copy and no index (TMA has no
-    row gather, and gathering first then reading through TMA beat gathering on load: benchmarks/
-    KERNELS_NOTES.md, v7-v8); elsewhere ``t`` itself and ``rows``, gathered on load (no copy)."""
-    if tma_reads(t):
-        return gather_rows(t, rows), None
-    return t, rows
+# Past this many output columns per gathered row, a GEMM gathering its rows by cp.async (the Gluon kernels) costs
+# more than one gather_rows copy that it reads through TMA: each k-step's rows are copied again for every 256 of
+# them. Measured (H200, bf16, 8192 tokens; benchmarks/KERNELS_NOTES.md, v14): the gated forward at 2 * I =
+# 1536-2816 columns 0.05-0.07 ms faster than gather + TMA, at Mixtral's 28672 0.10 ms slower; the down weight
+# gradient (columns: I) at 768-1024 0.05 ms faster, at 14336 0.34 ms slower. The down grad_h product gathered faster
+# than TMA read the copy at every size measured, Mixtral's I = 14336 included, so it always gathers.
+MAX_GATHERED_COLUMNS = 8192
+
+
+class _Routed:
+    """``src[rows]`` for the GEMMs that read it. Each gathers the rows on its own loads where it can: cp.async in the
+    Gluon kernels (Hopper, bf16/fp16, ``MAX_GATHERED_COLUMNS``); the Triton kernels' pointer loads where the GPU has
+    no TMA. Elsewhere on Hopper they read one copy through TMA (TMA has no row gather; gathering first, then TMA,
+    beat gathering on pointer loads: benchmarks/KERNELS_NOTES.md, v7-v8), made on first use and shared."""
+
+    def __init__(self, src: Tensor, rows: Tensor):
+        self.src, self.rows, self._copy = src, rows, None
+
+    def operand(self) -> tuple[Tensor, Tensor | None]:
+        """(operand, index) for a GEMM that does not gather by cp.async: the copy and no index where TMA reads it,
+        else ``src`` and ``rows``, gathered on load."""
+        if not tma_reads(self.src):
+            return self.src, self.rows
+        if self._copy is None:
+            self._copy = gather_rows(self.src, self.rows)
+        return self._copy, None
+
+    def release(self) -> None:
+        """Free the copy (the GEMMs reading it are queued)."""
+        self._copy = None
+
+
+def gathered_row_weight(
+    src: Tensor, rows: Tensor, b: Tensor, c: Tensor, h: Tensor | None = None, gated: bool = False
+) -> tuple[Tensor, bool] | None:
+    """The Gluon kernel's weight operand (``gluon_gemm.weight_operand``) where the layer runs ``c = src[rows] @ b[e]``
+    on it gathering the rows by cp.async (``h``: the gated epilogue); None where it reads a copy instead."""
+    if h is not None and (not gated or c.shape[1] > MAX_GATHERED_COLUMNS):
+        return None  # (the Gluon kernel has no ungated activation)
+    return gluon_gemm.weight_operand(src, b, c, h, rows)
+
+
+def weight_grad_gathers(src: Tensor, rows: Tensor, right: Tensor, shape: torch.Size) -> bool:
+    """Whether the layer runs the weight gradient ``src[rows][g_e].T @ right[g_e]`` on the Gluon kernel gathering the
+    rows by cp.async (else on a copy)."""
+    return right.shape[1] <= MAX_GATHERED_COLUMNS and gluon_weight_grad.takes(src, right, shape, rows)
 
 
 def _row_product(
-    a: Tensor, offsets: Tensor, b: Tensor, c: Tensor, a_rows: Tensor | None = None, h: Tensor | None = None,
-    activation: str = "silu", gated: bool = False,
+    a: Tensor | _Routed, offsets: Tensor, b: Tensor, c: Tensor, h: Tensor | None = None, activation: str = "silu",
+    gated: bool = False,
 ) -> None:
-    """``c[r] = a[a_rows[r]] @ b[e(r)]`` in place (rows past ``offsets[-1]`` zero); ``h`` given, the gate_up
-    epilogue: c is preact and ``h = act(gate) * up`` (``act(preact)`` ungated). On Hopper in bf16/fp16 the Gluon
-    kernel, pipelined across tiles, where it takes the layouts (faster than the Triton kernel: the store products
-    by 4-9% on the fine-grained layers and level on Mixtral's, v10; the gated forward by 1-2%, 2-7% on Mixtral's,
-    v11; benchmarks/KERNELS_NOTES.md; it has no ungated activation); elsewhere the Triton kernel, through TMA
-    where the GPU has it (within 2% of CUTLASS or faster, v7), else on pointer loads."""
-    gluon_takes = a_rows is None and (h is None or gated)
-    weight = gluon_gemm.weight_operand(a, b, c, h) if gluon_takes else None
+    """``c[r] = a[r] @ b[e(r)]`` in place (rows past ``offsets[-1]`` zero; ``a`` routed: its rows gathered); ``h``
+    given, the gate_up epilogue: c is preact and ``h = act(gate) * up`` (``act(preact)`` ungated). On Hopper in
+    bf16/fp16 the Gluon kernel, pipelined across tiles, where it takes the layouts (faster than the Triton kernel:
+    the store products by 4-9% on the fine-grained layers and level on Mixtral's, v10; the gated forward by 1-2%,
+    2-7% on Mixtral's, v11; benchmarks/KERNELS_NOTES.md; it has no ungated activation); elsewhere the Triton kernel,
+    through TMA where the GPU has it (within 2% of CUTLASS or faster, v7), else on pointer loads."""
+    a_rows = None
+    if isinstance(a, _Routed):
+        weight = gathered_row_weight(a.src, a.rows, b, c, h, gated)
+        if weight is not None:
+            gluon_gemm.grouped_gemm(a.src, offsets, weight, c, h, activation, a.rows)
+            return
+        a, a_rows = a.operand()
+    weight = gluon_gemm.weight_operand(a, b, c, h) if a_rows is None and (h is None or gated) else None
     if weight is not None:
         gluon_gemm.grouped_gemm(a, offsets, weight, c, h, activation)
     elif h is None:
@@ -89,14 +137,18 @@ def _per_row_product(a: Tensor, offsets: Tensor, b: Tensor) -> Tensor:
 
 
 def _weight_grad(
-    left: Tensor, right: Tensor, offsets: Tensor, shape: torch.Size, *, left_rows: Tensor | None = None,
-    right_rows: Tensor | None = None, bounds: list[int] | None = None,
+    left: Tensor | _Routed, right: Tensor | _Routed, offsets: Tensor, shape: torch.Size, bounds: list[int] | None = None
 ) -> Tensor:
-    """``out[e] = left[left_rows][g_e].T @ right[right_rows][g_e]``, [E, P, Q] = ``shape``. On Hopper in bf16/fp16
-    the Gluon kernel where it takes the (gathered) operands: at the fine-grained layers' sizes 2-14% faster than
-    CUTLASS, on Mixtral's gate_up 7-9%, level on its down (v12); then CUTLASS, which
-    ran 6-20% faster than the Triton kernel through TMA (H200, bf16, benchmarks/KERNELS_NOTES.md, v8). ``bounds``
-    (the group bounds on the host): one cuBLAS mm per expert instead, on gathered operands (prmc.kernels.cublas)."""
+    """``out[e] = left[g_e].T @ right[g_e]`` (a routed operand: its rows gathered), [E, P, Q] = ``shape``. On Hopper in
+    bf16/fp16 the Gluon kernel where it takes the operands, gathering a routed left one by cp.async up to
+    ``MAX_GATHERED_COLUMNS`` of the right one's: at the fine-grained layers' sizes 2-14% faster than CUTLASS, on
+    Mixtral's gate_up 7-9%, level on its down (v12); then CUTLASS, which ran 6-20% faster than the Triton kernel
+    through TMA (H200, bf16, benchmarks/KERNELS_NOTES.md, v8). ``bounds`` (the group bounds on the host): one cuBLAS
+    mm per expert instead, on gathered operands (prmc.kernels.cublas)."""
+    if isinstance(left, _Routed) and bounds is None and weight_grad_gathers(left.src, left.rows, right, shape):
+        return gluon_weight_grad.k_grouped_mm(left.src, right, offsets, left.rows)
+    left, left_rows = left.operand() if isinstance(left, _Routed) else (left, None)
+    right, right_rows = right.operand() if isinstance(right, _Routed) else (right, None)
     if left_rows is None and right_rows is None:
         if bounds is not None:
             return cublas.k_mm(left, right, bounds)
@@ -128,9 +180,9 @@ def experts(
     offsets = offsets.int()
     h = x.new_empty(m, inter)
     preact = x.new_empty(m, f)
-    a, a_rows = _routed_rows(x, order // top_k)  # a copy of x[rows] lives until the GEMM is done
-    _row_product(a, offsets, w_gate_up.transpose(1, 2), preact, a_rows, h, activation, gated)
-    del a
+    x_rows = _Routed(x, order // top_k)  # (a copy of x[rows], where one is made, lives until the GEMM is done)
+    _row_product(x_rows, offsets, w_gate_up.transpose(1, 2), preact, h, activation, gated)
+    del x_rows
     y = _per_row_product(h, offsets, w_down.transpose(1, 2))
     del h  # freed before the combine allocates: the backward recomputes h from preact (mlp_grad_rows)
     return combine_rows(y, inverse, top_k, offsets, scale), preact
@@ -166,23 +218,23 @@ def experts_backward(
         w_gate_up.shape, preact.dtype, preact.device
     )
     bounds_later = cublas.group_bounds_later(offsets) if per_expert else None
-    # Down projection: g = grad_out[rows] @ W_down[e], the gradient at h before the routing weight. A gathered
-    # copy of grad_out[rows] serves this product and the weight gradient.
-    grad_out_rows, grad_out_index = _routed_rows(grad_out, rows)
+    # Down projection: g = grad_out[rows] @ W_down[e], the gradient at h before the routing weight. Where a copy of
+    # grad_out[rows] is made, it serves this product and the weight gradient.
+    grad_out_rows = _Routed(grad_out, rows)
     g = grad_out.new_empty(rows.shape[0], w_down.shape[2])
-    _row_product(grad_out_rows, offsets, w_down, g, a_rows=grad_out_index)
+    _row_product(grad_out_rows, offsets, w_down, g)
     dpre, grad_scale, hs = mlp_grad_rows(g, preact, offsets, scale, order, activation, gated)
     del g
     if grad_preact is not None:  # preact used beyond h: never by the lowering
         dpre += grad_preact
-    grad_w_down = _weight_grad(grad_out_rows, hs, offsets, w_down.shape, left_rows=grad_out_index)
-    del grad_out_rows, hs
+    grad_w_down = _weight_grad(grad_out_rows, hs, offsets, w_down.shape)
+    grad_out_rows.release()
+    del hs
     # Gate/up projection, from d preact.
     grad_x = combine_rows(_per_row_product(dpre, offsets, w_gate_up), inverse, top_k, offsets)
     # x[rows] is gathered again rather than kept from the forward (that would hold T*k*H more memory).
-    x_rows, x_index = _routed_rows(x, rows)
     bounds = bounds_later() if bounds_later is not None else None
-    grad_w_gate_up = _weight_grad(dpre, x_rows, offsets, w_gate_up.shape, right_rows=x_index, bounds=bounds)
+    grad_w_gate_up = _weight_grad(dpre, _Routed(x, rows), offsets, w_gate_up.shape, bounds=bounds)
     return grad_x, grad_w_gate_up, grad_w_down, grad_scale if scale is not None else x.new_empty(0)
 
 
