@@ -15,7 +15,7 @@ import time
 import torch
 
 import prmc  # noqa: F401  (registers torch.ops.prmc.* and their CUDA kernels)
-from prmc.kernels import gluon_gemm, gluon_weight_grad, reference
+from prmc.kernels import gluon_gemm, gluon_weight_grad, reference, triton_moe
 from prmc.kernels.check import Case, check_case, rel_err
 
 # bf16 operands: the reference op itself, run in bf16, lands near 3e-3 (preact and h are rounded).
@@ -86,20 +86,33 @@ def gluon_runs(case: Case) -> bool:
     return torch.cuda.get_device_capability() == (9, 0) and gluon_gemm.gluon is not None and case.dtype != torch.float32
 
 
-def gluon_products(case: Case) -> int:
-    """How many products of the case's two passes (scaled, unscaled) must take the Gluon kernel
-    (gluon_gemm.weight_operand): on Hopper in 16 bits, each product whose weight view no tile can leave an expert
-    in (columns whole tiles of 256, or 128 per half when gated, where K is contiguous; K whole steps of 64 where
-    the columns are): down fwd (W_down.T), grad_h (W_down), the gated gate_up forward (W_gate_up.T) and grad_x
-    (W_gate_up)."""
+def _gluon_row_products(case: Case) -> dict[str, bool]:
+    """Which row products of the case take the Gluon kernel (gluon_gemm.weight_operand): on Hopper in 16 bits, each
+    product whose weight view no tile can leave an expert in (columns whole tiles of 256, or 128 per half when
+    gated, where K is contiguous; K whole steps of 64 where the columns are): down fwd (W_down.T), grad_h (W_down),
+    the gated gate_up forward (W_gate_up.T) and grad_x (W_gate_up)."""
     if not gluon_runs(case):
-        return 0
+        return dict.fromkeys(["down_fwd", "grad_h", "gate_up", "grad_x"], False)
     h, i, f = case.hidden, case.inter, case.inter * (2 if case.gated else 1)
     if case.transposed_weights:  # storage [E, I, H] and [E, H, F]
         down_fwd, grad_h, gate_up, grad_x = i % 64 == 0, i % 256 == 0, h % 64 == 0 and i % 128 == 0, h % 256 == 0
     else:  # storage [E, H, I] and [E, F, H]
         down_fwd, grad_h, gate_up, grad_x = h % 256 == 0, h % 64 == 0, i % 128 == 0, f % 64 == 0
-    return 2 * (down_fwd + grad_h + (gate_up and case.gated) + grad_x)
+    return dict(down_fwd=down_fwd, grad_h=grad_h, gate_up=gate_up and case.gated, grad_x=grad_x)
+
+
+def gluon_products(case: Case) -> int:
+    """How many products of the case's two passes (scaled, unscaled) must take the Gluon kernel."""
+    return 2 * sum(_gluon_row_products(case).values())
+
+
+def gathered_products(case: Case) -> int:
+    """How many of those gather their rows by cp.async (triton_moe.gathered_row_weight): the gate_up forward up to
+    MAX_GATHERED_COLUMNS, grad_h always, each where its K (H) is whole 64-deep k-steps."""
+    takes = _gluon_row_products(case)
+    whole_steps = case.hidden % 64 == 0
+    gate_up = takes["gate_up"] and 2 * case.inter <= triton_moe.MAX_GATHERED_COLUMNS
+    return 2 * whole_steps * (gate_up + takes["grad_h"])
 
 
 def gluon_weight_grads(case: Case) -> int:
@@ -109,6 +122,13 @@ def gluon_weight_grads(case: Case) -> int:
         return 0
     f = case.inter * (2 if case.gated else 1)
     return 2 * ((case.hidden % 128 == 0) + (f % 128 == 0))
+
+
+def gathered_weight_grads(case: Case) -> int:
+    """How many of those gather their rows by cp.async (triton_moe.weight_grad_gathers): the down one (grad_out's
+    rows), up to MAX_GATHERED_COLUMNS of I, over untransposed tiles."""
+    down = gluon_runs(case) and case.hidden % 128 == 0 and case.inter <= triton_moe.MAX_GATHERED_COLUMNS
+    return 2 * (down and not gluon_weight_grad._transposed(case.hidden, case.inter))
 
 
 def main(only: list[str]) -> int:
@@ -137,6 +157,10 @@ def main(only: list[str]) -> int:
             bad["gluon products"] = len(ran)
         if len(ran_k) != gluon_weight_grads(case):
             bad["gluon weight grads"] = len(ran_k)
+        if sum(ran) != gathered_products(case):
+            bad["gathered products"] = sum(ran)
+        if sum(ran_k) != gathered_weight_grads(case):
+            bad["gathered weight grads"] = sum(ran_k)
         failed += [f"{name}: {k}" for k in bad]
         status = "ok" if not bad else f"FAIL {bad}"
         print(f"{name:42s} worst {worst} {errors[worst]:.2e} ({time.perf_counter() - start:.1f} s, "
