@@ -119,6 +119,27 @@ def test_cublas_per_expert_weight_grad(dtype):
     assert rel_err(grad, _k_products(left, a, offsets)) < tolerance and not grad[0].any()
 
 
+def test_gluon_weight_grad_gathers_only_untransposed(monkeypatch):
+    """The Gluon weight gradient gathers L's rows only over untransposed tiles (the gathered tile is then L's 128
+    columns; over transposed ones the gathered operand would be R's 256 columns, measured 17-26% slower), with an
+    index of int32/int64 rows on the operand's device. The device checks (``fits``, TMA alignment) stand in here for
+    the GPU's."""
+    from prmc.kernels import gluon_weight_grad as wg
+
+    monkeypatch.setattr(wg, "fits", lambda shape, dtype, device: dtype == torch.bfloat16 and shape[1] % wg.BLOCK_P == 0)
+    monkeypatch.setattr(wg, "tma_reads", lambda t: True)
+    tokens, m, experts, p = 64, 128, 4, 256
+    src, rows = torch.randn(tokens, p, dtype=torch.bfloat16), torch.randint(0, tokens, (m,))
+    for q, transposed in [(256, False), (384, True)]:  # 384: no whole 256-wide tiles, but whole transposed ones
+        right, shape = torch.randn(m, q, dtype=torch.bfloat16), torch.Size([experts, p, q])
+        assert wg._transposed(p, q) == transposed
+        assert wg.takes(src[rows], right, shape)  # the copy, either way
+        assert wg.takes(src, right, shape, rows) == (not transposed)
+    right, shape = torch.randn(m, 256, dtype=torch.bfloat16), torch.Size([experts, p, 256])
+    assert not wg.takes(src, right, shape, rows.float())
+    assert not wg.takes(src, right, shape, rows[:-1])  # one index per row of right
+
+
 def _compile_for_hopper(kernel, signature: dict, constants: dict):
     """A Gluon kernel compiled for sm90a with the installed Triton (Gluon has no interpreter, so its numbers are
     checked on the GPU: benchmarks/check_kernels_gpu.py). ``signature``: its arguments' types, where a tensor
