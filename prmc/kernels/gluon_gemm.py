@@ -177,6 +177,22 @@ if gluon is not None:
         _async_load(buf, src_ptr + starts[:, None] + cols[None, :])
 
     @gluon.jit
+    def _free(GATHER: gl.constexpr):
+        """Gathered: the CTA meets before a k-step's copies, so that both warpgroups are done with the wgmma that last
+        read the stage they overwrite (each thread's copies cover parts of the tile that both warpgroups read)."""
+        if GATHER:
+            _cta_barrier()
+
+    @gluon.jit
+    def _landed(GATHER: gl.constexpr, AHEAD: gl.constexpr):
+        """Gathered: every thread's copies of the step about to be consumed have landed (those of the ``AHEAD`` steps
+        loaded after it may be in flight) and the CTA has met, so both warpgroups' wgmma see them."""
+        if GATHER:
+            async_copy.wait_group(AHEAD)
+            fence_async_shared()
+            _cta_barrier()
+
+    @gluon.jit
     def _load(a_desc, b_desc, bars, a_bufs, b_bufs, produced, off_m, b_row, off_n, N, k, pred, a_ptr, a_index,
               STAGES: gl.constexpr, K_CONTIG: gl.constexpr, GATED: gl.constexpr, BK: gl.constexpr,
               GATHER: gl.constexpr, gather_layout: gl.constexpr):  # fmt: skip
@@ -205,18 +221,12 @@ if gluon is not None:
               consumed, use_acc, STAGES: gl.constexpr, K_CONTIG: gl.constexpr, GATED: gl.constexpr,
               BK: gl.constexpr, GATHER: gl.constexpr, gather_layout: gl.constexpr):  # fmt: skip
         """Load k-step ``k`` (of the tile at ``off_m``, ``off_n``) and run the wgmma of the step ``consumed``.
-        Gathered, the CTA meets twice: before the copies, so that both warpgroups are done with the wgmma that last
-        read the stage they overwrite (each thread's copies cover rows of both warpgroups' halves); and after
-        every thread's copies of the consumed step have landed, so that both warpgroups' wgmma see them. The
-        copies of step ``k`` stay in flight meanwhile, as a TMA load would."""
-        if GATHER:
-            _cta_barrier()
+        Gathered, the CTA meets before the copies and once the consumed step's have landed (``_free``, ``_landed``);
+        the copies of step ``k`` stay in flight meanwhile, as a TMA load would."""
+        _free(GATHER)
         _load(a_desc, b_desc, bars, a_bufs, b_bufs, produced, off_m, b_row, off_n, N, k, pred, a_ptr, a_index, STAGES,
               K_CONTIG, GATED, BK, GATHER, gather_layout)  # fmt: skip
-        if GATHER:
-            async_copy.wait_group(STAGES - 2)  # (the loads run STAGES - 2 steps ahead)
-            fence_async_shared()
-            _cta_barrier()
+        _landed(GATHER, STAGES - 2)  # (the loads run STAGES - 2 steps ahead)
         return _mma(a_bufs, b_bufs, bars, acc, consumed, use_acc, STAGES, K_CONTIG)
 
     @gluon.jit

@@ -48,7 +48,15 @@ from prmc.kernels._triton_common import INTERPRET, capability, num_programs, swi
 from prmc.kernels.gluon_gemm import gl, gluon
 
 if gluon is not None:
-    from triton.experimental.gluon.language.nvidia.hopper import (
+    from prmc.kernels.gluon_gemm import (
+        TensorDescriptor,
+        _copy_rows,
+        _free,
+        _landed,
+        _row_starts,
+        _store_masked,
+        _tma_load,
+        _tma_store,
         async_copy,
         fence_async_shared,
         mbarrier,
@@ -56,9 +64,6 @@ if gluon is not None:
         warpgroup_mma,
         warpgroup_mma_wait,
     )
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    from prmc.kernels.gluon_gemm import _copy_rows, _cta_barrier, _row_starts, _store_masked, _tma_load, _tma_store
 
 # The row products' tile: 128 x 256 outputs over 64-row k-steps, 3 stages (four do not fit beside the output
 # buffer in shared memory).
@@ -148,22 +153,6 @@ if gluon is not None:
         _tma_load(r_desc, [row, off_q], bars.index(s), r_bufs.index(s), pred)
 
     @gluon.jit
-    def _landed(GATHER: gl.constexpr):
-        """Gathered: every thread's copies of the step about to be consumed have landed (those of the step loaded
-        after it may be in flight) and the CTA has met, so both warpgroups' wgmma see them."""
-        if GATHER:
-            async_copy.wait_group(1)
-            fence_async_shared()
-            _cta_barrier()
-
-    @gluon.jit
-    def _free(GATHER: gl.constexpr):
-        """Gathered: the CTA meets before a load, so that both warpgroups are done with the wgmma that last read the
-        stage it overwrites (each thread's copies cover columns of L that both warpgroups' halves read)."""
-        if GATHER:
-            _cta_barrier()
-
-    @gluon.jit
     def _mma(l_bufs, r_bufs, bars, acc, consumed, use_acc, STAGES: gl.constexpr):
         """One k-step once its tiles have landed; returns with at most this step's wgmma in flight."""
         s = consumed % STAGES
@@ -241,7 +230,7 @@ if gluon is not None:
                       l_index, STAGES, GATHER, l_layout)  # fmt: skip
                 l_index = _row_starts(rows_ptr, begin + (k + 2) * BK, M, stride_l, BK, GATHER, l_layout)
                 produced += 1
-                _landed(GATHER)
+                _landed(GATHER, 1)
                 acc = _mma(l_bufs, r_bufs, bars, acc, consumed, k > 0, STAGES)
                 consumed += 1
             # The next tile's first loads go out under this tile's last k-step and its epilogue.
@@ -254,7 +243,7 @@ if gluon is not None:
                   l_index, STAGES, GATHER, l_layout)  # fmt: skip
             l_index = _row_starts(rows_ptr, n_begin + BK, M, stride_l, BK, GATHER, l_layout)
             produced += 1
-            _landed(GATHER)
+            _landed(GATHER, 1)
             acc = _mma_last(l_bufs, r_bufs, bars, acc, consumed, kt > 1, end - begin - (kt - 1) * BK, STAGES)
             consumed += 1
             tma.store_wait(pendings=0)  # the previous tile's output has left o_smem
