@@ -125,10 +125,17 @@ def gluon_weight_grads(case: Case) -> int:
 
 
 def gathered_weight_grads(case: Case) -> int:
-    """How many of those gather their rows by cp.async (triton_moe.weight_grad_gathers): the down one (grad_out's
-    rows), up to MAX_GATHERED_COLUMNS of I, over untransposed tiles."""
-    down = gluon_runs(case) and case.hidden % 128 == 0 and case.inter <= triton_moe.MAX_GATHERED_COLUMNS
-    return 2 * (down and not gluon_weight_grad._transposed(case.hidden, case.inter))
+    """How many of those gather their rows by cp.async (triton_moe.weight_grad_gathers), each up to
+    MAX_WEIGHT_GRAD_GATHERED_COLUMNS of its other operand: the down one (grad_out's rows, L) over untransposed
+    tiles, the gate_up one (x's rows, R) over transposed ones."""
+    if not gluon_runs(case):
+        return 0
+    f = case.inter * (2 if case.gated else 1)
+    down = case.hidden % 128 == 0 and case.inter <= triton_moe.MAX_WEIGHT_GRAD_GATHERED_COLUMNS
+    down = down and not gluon_weight_grad._transposed(case.hidden, case.inter)
+    gate_up = f % 128 == 0 and f <= triton_moe.MAX_WEIGHT_GRAD_GATHERED_COLUMNS
+    gate_up = gate_up and gluon_weight_grad._transposable(f, case.hidden)
+    return 2 * (down + gate_up)
 
 
 def main(only: list[str]) -> int:
@@ -144,7 +151,7 @@ def main(only: list[str]) -> int:
         ran, ran_k = [], []  # the Gluon row products and weight gradients of the case
         # (each launch noted with whether it gathers its rows by cp.async)
         gluon_gemm.grouped_gemm = lambda *args: ran.append(len(args) > 6 and args[6] is not None) or launch(*args)
-        gluon_weight_grad.k_grouped_mm = lambda *args: ran_k.append(len(args) > 3 and args[3] is not None) or launch_k(
+        gluon_weight_grad.k_grouped_mm = lambda *args: ran_k.append(any(r is not None for r in args[3:])) or launch_k(
             *args
         )
         try:

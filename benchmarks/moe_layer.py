@@ -278,16 +278,17 @@ def breakdown(name, tokens, device) -> None:
             choices.insert(0, (f"{product} (Gluon{kind}, gathered)", (run, flops)))
         return choices
 
-    def k_choices(product, left, right, shape, flops, per_expert=False, src=None):
-        """A weight gradient's kernels in the layer's order (_weight_grad, experts_backward): the Gluon kernel gathering
-        ``src``'s rows (``left`` is ``src[rows]``) where the layer runs it, the Gluon kernel where it takes the
-        operands, with ``per_expert`` cuBLAS per expert, then CUTLASS."""
-        gather_run = lambda: gluon_weight_grad.k_grouped_mm(src, right, offsets, rows)  # noqa: E731
-        gathered = [(f"{product} (Gluon, gathered)", (gather_run, flops))]
+    def k_choices(product, left, right, shape, flops, per_expert=False, gathered=None):
+        """A weight gradient's kernels in the layer's order (_weight_grad, experts_backward): the Gluon kernel on
+        ``gathered`` (its operands: left, right, left_rows, right_rows; the routed one's rows gathered by cp.async)
+        where the layer runs it, the Gluon kernel where it takes the operands, with ``per_expert`` cuBLAS per expert,
+        then CUTLASS."""
+        gathers = gathered is not None and weight_grad_gathers(*gathered[:2], shape, *gathered[2:])
+        gather_run = lambda: gluon_weight_grad.k_grouped_mm(*gathered[:2], offsets, *gathered[2:])  # noqa: E731
         gluon = [(f"{product} (Gluon)", (lambda: gluon_weight_grad.k_grouped_mm(left, right, offsets), flops))]
         cublas_mm = [(f"{product} (cuBLAS per expert)", (lambda: cublas.k_mm(left, right, bounds), flops))]
         return (
-            (gathered if src is not None and weight_grad_gathers(src, rows, right, shape) else [])
+            ([(f"{product} (Gluon, gathered)", (gather_run, flops))] if gathers else [])
             + (gluon if gluon_weight_grad.takes(left, right, shape) else [])
             + (cublas_mm if per_expert else [])
             + [(f"{product} (CUTLASS)", (lambda: cutlass.k_grouped_mm(left, right, offsets), flops))]
@@ -298,11 +299,13 @@ def breakdown(name, tokens, device) -> None:
         lines "(Gluon)" and "(Triton TMA)" below it read)."""
         return {("" if copied else "  alt ") + label: (lambda: gather_rows(src, rows), 0)}
 
-    # Where the layer gathers in the GEMMs instead of copying (_row_product, _weight_grad): the gate_up forward,
-    # and grad_out's rows unless the down weight gradient reads a copy (grad_h gathers either way).
+    # Where the layer gathers in the GEMMs instead of copying (_row_product, _weight_grad): x's rows in the forward
+    # unless the gate_up forward reads a copy, in the backward unless its weight gradient does; grad_out's unless the
+    # down weight gradient reads a copy (grad_h gathers either way).
     x_copied = gathered_row_weight(x, rows, w_gate_up.transpose(1, 2), preact, h, True) is None
+    x_copied_bwd = not weight_grad_gathers(dpre, x, w_gate_up.shape, None, rows)
     grad_out_copied = gathered_row_weight(grad_out, rows, w_down, g_alt) is None or not weight_grad_gathers(
-        grad_out, rows, hs, w_down.shape
+        grad_out, hs, w_down.shape, rows
     )
     parts = {
         "sort_by_expert": (lambda: torch.ops.prmc.sort_by_expert(ids, experts), 0),
@@ -318,14 +321,15 @@ def breakdown(name, tokens, device) -> None:
         "  alt down grad_h (CUTLASS)": (lambda: cutlass.row_grouped_mm(grad_out_rows, w_down, offsets), gemm),
         "  alt down grad_h (Triton, gather on load)": (lambda: grouped_gemm("store", grad_out, offsets, w_down, g_alt, n=inter, a_rows=rows), gemm),
         "mlp_grad_rows (d preact, grad_scale, scale*h)": (lambda: mlp_grad_rows(g, preact, offsets, scale, order, "silu", True), 0),
-        **ranked(*k_choices("down grad_w", grad_out_rows, hs, w_down.shape, gemm, src=grad_out)),
+        **ranked(*k_choices("down grad_w", grad_out_rows, hs, w_down.shape, gemm, gathered=(grad_out, hs, rows, None))),
         "  alt down grad_w (Triton TMA)": (lambda: weight_grad(grad_out_rows, hs, offsets, grad_w_down), gemm),
         "  alt down grad_w (Triton, gather on load)": (lambda: weight_grad(grad_out, hs, offsets, grad_w_down, left_rows=rows), gemm),
         **ranked(*row_choices("gate_up grad_x", dpre, w_gate_up, y, 2 * gemm)),
         "  alt grad_x (CUTLASS)": (lambda: cutlass.row_grouped_mm(dpre, w_gate_up, offsets), 2 * gemm),
         "gate_up grad_x combine": (lambda: combine_rows(y, inverse, top_k, offsets), 0),
-        "gather x rows": (lambda: gather_rows(x, rows), 0),
-        **ranked(*k_choices("gate_up grad_w", dpre, x_rows, w_gate_up.shape, 2 * gemm, per_expert=few_large)),
+        **gather(x, "gather x rows", x_copied_bwd),
+        **ranked(*k_choices("gate_up grad_w", dpre, x_rows, w_gate_up.shape, 2 * gemm, per_expert=few_large,
+                            gathered=(dpre, x, None, rows))),
         "  alt gate_up grad_w (Triton TMA)": (lambda: weight_grad(dpre, x_rows, offsets, grad_w_gate_up), 2 * gemm),
         "  alt gate_up grad_w (Triton, gather on load)": (lambda: weight_grad(dpre, x, offsets, grad_w_gate_up, right_rows=rows), 2 * gemm),
     }  # fmt: skip

@@ -119,11 +119,11 @@ def test_cublas_per_expert_weight_grad(dtype):
     assert rel_err(grad, _k_products(left, a, offsets)) < tolerance and not grad[0].any()
 
 
-def test_gluon_weight_grad_gathers_only_untransposed(monkeypatch):
-    """The Gluon weight gradient gathers L's rows only over untransposed tiles (the gathered tile is then L's 128
-    columns; over transposed ones the gathered operand would be R's 256 columns, measured 17-26% slower), with an
-    index of int32/int64 rows on the operand's device. The device checks (``fits``, TMA alignment) stand in here for
-    the GPU's."""
+def test_gluon_weight_grad_gathers_only_its_l_tile(monkeypatch):
+    """The Gluon weight gradient gathers rows only into its L tile, 128 columns (R's 256 columns gathered ran 17-26%
+    slower): the left operand's over untransposed tiles, the right one's over transposed ones (where the transposed
+    tile fits), never both, with an index of int32/int64 rows on the operand's device. The device checks (``fits``,
+    TMA alignment) stand in here for the GPU's."""
     from prmc.kernels import gluon_weight_grad as wg
 
     monkeypatch.setattr(wg, "fits", lambda shape, dtype, device: dtype == torch.bfloat16 and shape[1] % wg.BLOCK_P == 0)
@@ -135,6 +135,14 @@ def test_gluon_weight_grad_gathers_only_untransposed(monkeypatch):
         assert wg._transposed(p, q) == transposed
         assert wg.takes(src[rows], right, shape)  # the copy, either way
         assert wg.takes(src, right, shape, rows) == (not transposed)
+    # The right operand gathered: over out[e].T, whose tile needs Q of 128 rows and P of 256 columns.
+    left = torch.randn(m, p, dtype=torch.bfloat16)
+    for q, transposable in [(256, True), (384, True), (320, False)]:
+        right_src, shape = torch.randn(tokens, q, dtype=torch.bfloat16), torch.Size([experts, p, q])
+        assert wg.takes(left, right_src, shape, None, rows) == transposable
+    narrow = torch.randn(m, 128, dtype=torch.bfloat16)  # P = 128: no 256-wide transposed column tile
+    assert not wg.takes(narrow, right_src[:, :256], torch.Size([experts, 128, 256]), None, rows)
+    assert not wg.takes(src, right_src[:, :256], torch.Size([experts, p, 256]), rows, rows)  # both gathered
     right, shape = torch.randn(m, 256, dtype=torch.bfloat16), torch.Size([experts, p, 256])
     assert not wg.takes(src, right, shape, rows.float())
     assert not wg.takes(src, right, shape, rows[:-1])  # one index per row of right
@@ -391,9 +399,11 @@ def _gluon_stand_ins(name: str) -> dict[str, float]:
         if h is not None:
             h.copy_(reference.activate(c.float(), activation, True))
 
-    def k_grouped_mm(left, right, offsets, left_rows=None):
-        ran.append("k gathered" if left_rows is not None else "k")
-        return _k_products(left[left_rows] if left_rows is not None else left, right, offsets).to(left.dtype)
+    def k_grouped_mm(left, right, offsets, left_rows=None, right_rows=None):
+        ran.append("k gathers left" if left_rows is not None else "k gathers right" if right_rows is not None else "k")
+        left = left[left_rows] if left_rows is not None else left
+        right = right[right_rows] if right_rows is not None else right
+        return _k_products(left, right, offsets).to(left.dtype)
 
     def gather_rows(src, rows):
         ran.append("copy")
@@ -401,10 +411,11 @@ def _gluon_stand_ins(name: str) -> dict[str, float]:
 
     stand_ins = dict(
         weight_operand=(gluon_gemm, weight_operand), grouped_gemm=(gluon_gemm, row_product),
-        takes=(gluon_weight_grad, lambda left, right, shape, left_rows=None: left.dtype == torch.bfloat16),
+        takes=(gluon_weight_grad, lambda left, right, shape, *rows: left.dtype == torch.bfloat16),
         k_grouped_mm=(gluon_weight_grad, k_grouped_mm), tma_reads=(triton_moe, lambda t: True),
         gather_rows=(triton_moe, gather_rows),
         MAX_GATHERED_COLUMNS=(triton_moe, 0 if "wide" in name else triton_moe.MAX_GATHERED_COLUMNS),
+        MAX_WEIGHT_GRAD_GATHERED_COLUMNS=(triton_moe, 0 if "wide" in name else triton_moe.MAX_WEIGHT_GRAD_GATHERED_COLUMNS),
     )  # fmt: skip
     saved = {key: getattr(module, key) for key, (module, _) in stand_ins.items()}
     ran = []
@@ -415,10 +426,10 @@ def _gluon_stand_ins(name: str) -> dict[str, float]:
     finally:
         for key, (module, _) in stand_ins.items():
             setattr(module, key, saved[key])
-    # Per pass (scaled, unscaled). Gathered in the GEMMs: the gate_up forward, grad_h, the down weight gradient
-    # (one copy: x's for the gate_up weight gradient). Past MAX_GATHERED_COLUMNS only grad_h gathers: three copies,
-    # grad_out's read by the down weight gradient alone.
-    gathered = ["row gathered", "row", "row gathered", "k gathered", "row", "copy", "k"]
+    # Per pass (scaled, unscaled). Gathered in the GEMMs: the gate_up forward, grad_h, both weight gradients (the down
+    # one's left operand grad_out[rows], the gate_up one's right operand x[rows]): no copy. Past the MAX_*GATHERED_COLUMNS
+    # only grad_h gathers: three copies, grad_out's read by the down weight gradient alone.
+    gathered = ["row gathered", "row", "row gathered", "k gathers left", "row", "k gathers right"]
     wide = ["copy", "row", "row", "row gathered", "copy", "k", "row", "copy", "k"]
     expected = 2 * (wide if "wide" in name else gathered)
     errors["launches as expected"] = float(ran != expected)

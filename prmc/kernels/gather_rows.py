@@ -5,9 +5,9 @@ The story
 CUTLASS's grouped GEMM (:mod:`prmc.kernels.cutlass`) reads its operands as stored, and Hopper's TMA copies
 whole tiles with no row gather, so on Hopper the token rows each routed row needs are gathered into a
 sorted [M, N] copy first where the GEMM does not gather them by cp.async itself (the Gluon kernels do, up to
-``triton_moe.MAX_GATHERED_COLUMNS``): ``x`` for the gate_up weight gradient (and Mixtral-class gate_up
-forwards), ``grad_out`` for the down weight gradients over transposed tiles (DeepSeek-V2-Lite's) and
-Mixtral-class ones. ``src[rows]`` is the same copy;
+``triton_moe.MAX_GATHERED_COLUMNS`` / ``MAX_WEIGHT_GRAD_GATHERED_COLUMNS``): ``x`` for the wider gate_up weight
+gradients (DeepSeek-V2-Lite's, Mixtral's) and Mixtral-class gate_up forwards, ``grad_out`` for the down weight
+gradients over transposed tiles (DeepSeek-V2-Lite's) and Mixtral-class ones. ``src[rows]`` is the same copy;
 this kernel writes it with 16-byte accesses along the row (32 rows x 256 columns per program), measured
 0.06-0.09 ms at 8192 tokens on an H200 (benchmarks/results/moe_layer_breakdown.log).
 """

@@ -20,13 +20,16 @@ L transposed on the fly (``wgmma`` takes a 16-bit A operand in either order).
 Gathered (``left_rows``: the down gradient's L is ``grad_out[rows]``), every thread copies its share of each k-step's
 L tile, 16 bytes per copy, by cp.async from the rows that ``left_rows`` names, looked up one k-step ahead; the CTA
 meets as in the gathered row kernel. Only L, the 128-column tile, is gathered: the 256-column R tile gathered ran
-17-26% slower than TMA on a copy (v14), so the gate_up gradient's ``x[rows]`` stays a copy. Measured on the down
-gradient (v14, results/gluon_gather_probe_v14.log): 8-10% slower than on gather_rows' copy, which is 0.05 ms less
-than the copy takes at I = 768-1024 (at Mixtral's I = 14336, 0.34 ms more: triton_moe.MAX_GATHERED_COLUMNS).
+17-26% slower than TMA on a copy (v14). So a gathered right operand (``right_rows``: the gate_up gradient's
+``x[rows]``) makes the tiles run over the transposed product (below), where it is L. Measured (v14-v15,
+results/gluon_gather_probe_v14.log, gluon_weight_grad_gather_v15.log): 8-11% slower than on gather_rows' copy, the
+down gradient at I = 768-1024 and the gate_up one at F = 1536-2048 0.01-0.05 ms less than the copy takes; wider,
+more (triton_moe.MAX_WEIGHT_GRAD_GATHERED_COLUMNS).
 
 Where Q is no whole number of 256-wide tiles but the transposed product's dimensions are whole tiles
 (DeepSeek-V2-Lite's down gradient: Q = I = 1408, 5.5 tiles, P = H = 2048), the tiles run over ``out[e].T =
-R[g_e].T @ L[g_e]`` and leave transposed, so that no tile computes empty columns.
+R[g_e].T @ L[g_e]`` and leave transposed, so that no tile computes empty columns; so do they where the right
+operand is gathered.
 
 Measured against CUTLASS's K-grouped ``torch._grouped_mm`` on the same operands (H200, bf16, 8192 tokens,
 benchmarks/results/gluon_weight_grad_probe_v12.log, KERNELS_NOTES.md v12): 2-8% faster on both weight gradients
@@ -34,9 +37,10 @@ of the fine-grained layers (Qwen3-30B-A3B 0.408 / 0.821 ms vs 0.429 / 0.883), 9%
 6.58; cuBLAS per expert 6.09), level on Mixtral's down; transposed, a down gradient of I = 1408 0.741 vs 0.862
 (DeepSeek-V2-Lite's in the layer: 0.502 vs 0.560).
 
-Where it runs (``takes``): CUDA sm90, bf16/fp16, L [M, P] (or gathered from [T, P]) and R [M, Q] with TMA-aligned
-rows, P a multiple of the 128-row tile (a tile never reaches into the next expert's matrix; transposed, Q of it and
-P of 256; gathered, never transposed), Q rows of 16-byte multiples. Elsewhere CUTLASS or the Triton kernel runs
+Where it runs (``takes``): CUDA sm90, bf16/fp16, L [M, P] and R [M, Q] (one of them gathered from [T, P] or
+[T, Q]) with TMA-aligned rows, P a multiple of the 128-row tile (a tile never reaches into the next expert's
+matrix; transposed, Q of it and P of 256; the left operand gathered, never transposed; the right one, always), Q
+rows of 16-byte multiples. Elsewhere CUTLASS or the Triton kernel runs
 (:func:`prmc.kernels.triton_moe._weight_grad`).
 """
 
@@ -70,11 +74,16 @@ if gluon is not None:
 BLOCK_P, BLOCK_Q, BLOCK_K, STAGES, NUM_WARPS, GROUP = 128, 256, 64, 3, 8, 8
 
 
+def _transposable(p: int, q: int) -> bool:
+    """Whether the tiles can run over ``out[e].T`` ([Q, P]): Q of 128-row tiles, P of 256-wide ones."""
+    return q % BLOCK_P == 0 and p % BLOCK_Q == 0
+
+
 def _transposed(p: int, q: int) -> bool:
-    """Whether the tiles run over ``out[e].T`` ([Q, P]): where Q is no whole number of 256-wide tiles (their last one
-    would compute empty columns: 9% of them at DeepSeek-V2-Lite's Q = I = 1408) but both are of the transposed
-    tile (Q of 128-row tiles, P of 256-wide ones)."""
-    return q % BLOCK_Q != 0 and q % BLOCK_P == 0 and p % BLOCK_Q == 0
+    """Whether the tiles of an ungathered gradient run over ``out[e].T``: where Q is no whole number of 256-wide
+    tiles (their last one would compute empty columns: 9% of them at DeepSeek-V2-Lite's Q = I = 1408) but both are
+    of the transposed tile."""
+    return q % BLOCK_Q != 0 and _transposable(p, q)
 
 
 def fits(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> bool:
@@ -87,23 +96,35 @@ def fits(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> bool:
     return dtype in (torch.bfloat16, torch.float16) and shape[1] % BLOCK_P == 0 and shape[2] * dtype.itemsize % 16 == 0
 
 
-def takes(left: torch.Tensor, right: torch.Tensor, shape: torch.Size, left_rows: torch.Tensor | None = None) -> bool:
-    """Whether this kernel computes the [E, P, Q] = ``shape`` gradient from ``left[left_rows]`` (``left`` itself
-    without rows) [M, P] and ``right`` [M, Q]: ``fits``, one dtype, rows of both TMA-aligned with unit column stride.
-    Gathered, only over the untransposed tiles (``_transposed``), where the gathered L tile is 128 columns wide:
-    the 256 columns of R's ran 17-26% slower by cp.async (v14)."""
-    m = left.shape[0]
-    if left_rows is not None:
-        m = left_rows.shape[0]
-        if _transposed(*shape[1:]) or not (
-            left_rows.dim() == 1 and left_rows.stride(0) == 1 and left_rows.dtype in (torch.int32, torch.int64)
-            and left_rows.device == left.device
+def takes(
+    left: torch.Tensor,
+    right: torch.Tensor,
+    shape: torch.Size,
+    left_rows: torch.Tensor | None = None,
+    right_rows: torch.Tensor | None = None,
+) -> bool:
+    """Whether this kernel computes the [E, P, Q] = ``shape`` gradient from ``left[left_rows]`` [M, P] and
+    ``right[right_rows]`` [M, Q] (an operand itself without rows; at most one gathered): ``fits``, one dtype, rows of
+    both TMA-aligned with unit column stride. The gathered operand must be the kernel's L, the 128-column tile (the
+    256 columns of R's ran 17-26% slower by cp.async, v14): ``left`` over untransposed tiles (``_transposed`` false),
+    ``right`` over transposed ones (Q of 128-row tiles, P of 256-wide ones)."""
+    rows = left_rows if left_rows is not None else right_rows
+    if left_rows is not None and right_rows is not None:
+        return False
+    if rows is not None:
+        src = left if left_rows is not None else right
+        gathered_l = not _transposed(*shape[1:]) if left_rows is not None else _transposable(*shape[1:])
+        if not gathered_l or not (
+            rows.dim() == 1 and rows.stride(0) == 1 and rows.dtype in (torch.int32, torch.int64)
+            and rows.device == src.device
         ):  # fmt: skip
             return False
+    m_left = left_rows.shape[0] if left_rows is not None else left.shape[0]
+    m_right = right_rows.shape[0] if right_rows is not None else right.shape[0]
     return (
         fits(shape, left.dtype, left.device)
         and left.dtype == right.dtype
-        and m == right.shape[0] > 0
+        and m_left == m_right > 0
         and (left.shape[1], right.shape[1]) == tuple(shape[1:])
         and all(t.stride(1) == 1 and tma_reads(t) for t in (left, right))
     )
@@ -273,11 +294,15 @@ if gluon is not None:
 
 
 def k_grouped_mm(
-    left: torch.Tensor, right: torch.Tensor, offsets: torch.Tensor, left_rows: torch.Tensor | None = None
+    left: torch.Tensor,
+    right: torch.Tensor,
+    offsets: torch.Tensor,
+    left_rows: torch.Tensor | None = None,
+    right_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``out[e] = left[left_rows][g_e].T @ right[g_e]`` (``left`` itself without rows) over the groups of ``offsets``
-    (int32 group ends; rows past ``offsets[-1]`` enter no expert): [M, P] and [M, Q] -> [E, P, Q], where ``takes``
-    says."""
+    """``out[e] = left[left_rows][g_e].T @ right[right_rows][g_e]`` (an operand itself without rows) over the groups
+    of ``offsets`` (int32 group ends; rows past ``offsets[-1]`` enter no expert): [M, P] and [M, Q] -> [E, P, Q],
+    where ``takes`` says."""
     experts, p, q = offsets.shape[0], left.shape[1], right.shape[1]
     out = left.new_empty(experts, p, q)
     dtype = gl.bfloat16 if left.dtype == torch.bfloat16 else gl.float16
@@ -285,9 +310,10 @@ def k_grouped_mm(
     def descriptor(t, block):
         return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
 
-    transposed = _transposed(p, q)  # (never with left_rows: takes)
+    # The gathered operand is the kernel's L (takes): right's over the transposed tiles, left's over the others.
+    transposed = right_rows is not None or (left_rows is None and _transposed(p, q))
     if transposed:  # the tiles run over out[e].T = right[g_e].T @ left[g_e]
-        left, right, p, q = right, left, q, p
+        left, right, p, q, left_rows = right, left, q, p, right_rows
     o_block = [BLOCK_Q, BLOCK_P] if transposed else [BLOCK_P, BLOCK_Q]
     # A gathered L's descriptor only gives the kernel its tile's type and shared layout.
     weight_grad_kernel[(num_programs(left.device),)](
@@ -301,26 +327,31 @@ def k_grouped_mm(
 
 if __name__ == "__main__":
     # Check against float64 (random routing; hot experts with empty ones and unrouted rows) and benchmark against
-    # CUTLASS on both weight gradients of the fine-grained layer, and on a down gradient of I = 1408; L (a token-order
-    # matrix's routed rows, as grad_out's are in the down gradient) also gathered by cp.async where ``takes`` says.
+    # CUTLASS on both weight gradients of the fine-grained layer, and on a down gradient of I = 1408. The routed
+    # operand (a token-order matrix's rows: grad_out's in the down gradient, x's in the gate_up one) is also gathered
+    # by cp.async where ``takes`` says, against gather_rows' copy + the kernel reading it.
     import triton
 
     from prmc.kernels import cutlass
     from prmc.kernels.check import random_routing, rel_err
+    from prmc.kernels.gather_rows import gather_rows
 
     tokens, hidden, inter, experts, top_k = 8192, 2048, 768, 128, 8
     for routing in [dict(), dict(hot=4, unrouted=777)]:
         order, _, offsets = random_routing(tokens, experts, top_k, "cuda", **routing)
         m, ends, rows = order.shape[0], [0, *offsets.tolist()], order // top_k
         # (the third: DeepSeek-V2-Lite's I, whose tiles run over the transposed product)
-        for name, p, q in [("down", hidden, inter), ("gate_up", 2 * inter, hidden), ("down I=1408", hidden, 1408)]:
-            src = torch.randn(tokens, p, device="cuda", dtype=torch.bfloat16)
-            left = src[rows]
-            right = torch.randn(m, q, device="cuda", dtype=torch.bfloat16)
+        for name, p, q, routed in [
+            ("down", hidden, inter, "left"), ("gate_up", 2 * inter, hidden, "right"), ("down I=1408", hidden, 1408, "left")
+        ]:  # fmt: skip
+            src = torch.randn(tokens, p if routed == "left" else q, device="cuda", dtype=torch.bfloat16)
+            left = src[rows] if routed == "left" else torch.randn(m, p, device="cuda", dtype=torch.bfloat16)
+            right = src[rows] if routed == "right" else torch.randn(m, q, device="cuda", dtype=torch.bfloat16)
             ref = torch.stack([left[s:t].double().t() @ right[s:t].double() for s, t in zip(ends, ends[1:])])
             runs = {"gluon": k_grouped_mm, "cutlass": cutlass.k_grouped_mm}
-            if takes(src, right, ref.shape, rows):
-                runs["gathered"] = lambda left, right, offsets: k_grouped_mm(src, right, offsets, rows)
+            gathered = (src, right, rows, None) if routed == "left" else (left, src, None, rows)
+            if takes(gathered[0], gathered[1], ref.shape, *gathered[2:]):
+                runs["gathered"] = lambda left, right, offsets: k_grouped_mm(gathered[0], gathered[1], offsets, *gathered[2:])
             for kernel, launch in runs.items():
                 ms = triton.testing.do_bench(lambda: launch(left, right, offsets), warmup=200, rep=300)
                 out = launch(left, right, offsets)
@@ -330,3 +361,5 @@ if __name__ == "__main__":
                 )  # fmt: skip
                 print(f"{name} grad_w {routing} {kernel:8s} {ms:.3f} ms {2 * m * p * q / ms / 1e9:.0f} TFLOP/s  "
                       f"worst expert's rel err (an empty one's largest value) {worst:.1e}")  # fmt: skip
+            ms = triton.testing.do_bench(lambda: gather_rows(src, rows), warmup=200, rep=300)
+            print(f"{name} grad_w {routing} the copy the gathered run saves (gather_rows) {ms:.3f} ms")

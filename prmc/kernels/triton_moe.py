@@ -24,10 +24,11 @@ experts_backward      g = grad_out[rows] @ W_down per routed row ("store"); mlp_
                       grad_W_gate_up is one cuBLAS mm per expert where the Gluon kernel does not fit
 ====================  =======================================================================================
 routed rows           x[rows], grad_out[rows] (``_Routed``): gathered by the GEMM's own loads where it can (the
-                      Gluon kernels' cp.async: the gate_up forward, grad_h and grad_W_down on Hopper, up to
-                      MAX_GATHERED_COLUMNS; the Triton kernels' pointer loads where the GPU has no TMA), else one
-                      gather_rows copy read through TMA, shared by the GEMMs that need it (grad_W_gate_up's
-                      x[rows]; grad_W_down over transposed tiles; Mixtral-class widths)
+                      Gluon kernels' cp.async on Hopper: the gate_up forward up to MAX_GATHERED_COLUMNS, grad_h,
+                      both weight gradients up to MAX_WEIGHT_GRAD_GATHERED_COLUMNS; the Triton kernels' pointer loads where
+                      the GPU has no TMA), else one gather_rows copy read through TMA, shared by the GEMMs that
+                      need it (grad_W_down over transposed tiles; wider layers: DeepSeek-V2-Lite's grad_W_gate_up,
+                      Mixtral's)
 ====================  =======================================================================================
 
 Inputs outside what the kernels take (fp64, mixed dtypes, indices not int64/int32) fall back to the
@@ -57,16 +58,20 @@ def _kernels_take(*tensors: Tensor | None) -> bool:
 
 # Past this many output columns per gathered row, a GEMM gathering its rows by cp.async (the Gluon kernels) costs
 # more than one gather_rows copy that it reads through TMA: each k-step's rows are copied again for every 256 of
-# them. Measured (H200, bf16, 8192 tokens; benchmarks/KERNELS_NOTES.md, v14): the gated forward at 2 * I =
-# 1536-2816 columns 0.05-0.07 ms faster than gather + TMA, at Mixtral's 28672 0.10 ms slower; the down weight
-# gradient (columns: I) at 768-1024 0.05 ms faster, at 14336 0.34 ms slower. The down grad_h product gathered faster
-# than TMA read the copy at every size measured, Mixtral's I = 14336 included, so it always gathers.
+# them, and the kernel runs 2-11% slower than on the copy, while the copy costs the same whatever the width. Measured
+# (H200, bf16, 8192 tokens; benchmarks/KERNELS_NOTES.md, v14-v15): the gated forward at 2 * I = 1536-2816 columns
+# 0.05-0.07 ms faster than gather + TMA, at Mixtral's 28672 0.10 ms slower. The weight gradients' break-even comes
+# sooner (8-11% slower gathered): the down one (columns: I) at 768-1024 0.04-0.05 ms faster, at 14336 0.34 ms
+# slower; the gate_up one (columns: F = 2 * I) at 1536-2048 0.01-0.03 ms faster, at 2816 0.05 ms slower. The down
+# grad_h product gathered faster than TMA read the copy at every size measured, Mixtral's I = 14336 included, so it
+# always gathers.
 MAX_GATHERED_COLUMNS = 8192
+MAX_WEIGHT_GRAD_GATHERED_COLUMNS = 2048
 
 
 class _Routed:
     """``src[rows]`` for the GEMMs that read it. Each gathers the rows on its own loads where it can: cp.async in the
-    Gluon kernels (Hopper, bf16/fp16, ``MAX_GATHERED_COLUMNS``); the Triton kernels' pointer loads where the GPU has
+    Gluon kernels (Hopper, bf16/fp16, up to ``MAX_*GATHERED_COLUMNS``); the Triton kernels' pointer loads where the GPU has
     no TMA. Elsewhere on Hopper they read one copy through TMA (TMA has no row gather; gathering first, then TMA,
     beat gathering on pointer loads: benchmarks/KERNELS_NOTES.md, v7-v8), made on first use and shared."""
 
@@ -97,10 +102,26 @@ def gathered_row_weight(
     return gluon_gemm.weight_operand(src, b, c, h, rows)
 
 
-def weight_grad_gathers(src: Tensor, rows: Tensor, right: Tensor, shape: torch.Size) -> bool:
-    """Whether the layer runs the weight gradient ``src[rows][g_e].T @ right[g_e]`` on the Gluon kernel gathering the
-    rows by cp.async (else on a copy)."""
-    return right.shape[1] <= MAX_GATHERED_COLUMNS and gluon_weight_grad.takes(src, right, shape, rows)
+def _sources(left: Tensor | _Routed, right: Tensor | _Routed) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(left, right, left_rows, right_rows): a routed operand as its source and rows, the other as it is."""
+    left, left_rows = (left.src, left.rows) if isinstance(left, _Routed) else (left, None)
+    right, right_rows = (right.src, right.rows) if isinstance(right, _Routed) else (right, None)
+    return left, right, left_rows, right_rows
+
+
+def weight_grad_gathers(
+    left: Tensor, right: Tensor, shape: torch.Size, left_rows: Tensor | None = None, right_rows: Tensor | None = None
+) -> bool:
+    """Whether the layer runs the weight gradient ``left[left_rows][g_e].T @ right[right_rows][g_e]`` (one operand
+    routed) on the Gluon kernel gathering the routed rows by cp.async (else on a copy): up to
+    ``MAX_WEIGHT_GRAD_GATHERED_COLUMNS`` of the other operand's, where ``gluon_weight_grad.takes`` says (the down
+    gradient's grad_out[rows] over untransposed tiles, the gate_up one's x[rows] over transposed ones)."""
+    other = right if left_rows is not None else left
+    return (
+        (left_rows is None) != (right_rows is None)
+        and other.shape[1] <= MAX_WEIGHT_GRAD_GATHERED_COLUMNS
+        and gluon_weight_grad.takes(left, right, shape, left_rows, right_rows)
+    )
 
 
 def _row_product(
@@ -140,13 +161,14 @@ def _weight_grad(
     left: Tensor | _Routed, right: Tensor | _Routed, offsets: Tensor, shape: torch.Size, bounds: list[int] | None = None
 ) -> Tensor:
     """``out[e] = left[g_e].T @ right[g_e]`` (a routed operand: its rows gathered), [E, P, Q] = ``shape``. On Hopper in
-    bf16/fp16 the Gluon kernel where it takes the operands, gathering a routed left one by cp.async up to
-    ``MAX_GATHERED_COLUMNS`` of the right one's: at the fine-grained layers' sizes 2-14% faster than CUTLASS, on
+    bf16/fp16 the Gluon kernel where it takes the operands, gathering a routed one by cp.async where
+    ``weight_grad_gathers`` says: at the fine-grained layers' sizes 2-14% faster than CUTLASS, on
     Mixtral's gate_up 7-9%, level on its down (v12); then CUTLASS, which ran 6-20% faster than the Triton kernel
     through TMA (H200, bf16, benchmarks/KERNELS_NOTES.md, v8). ``bounds`` (the group bounds on the host): one cuBLAS
     mm per expert instead, on gathered operands (prmc.kernels.cublas)."""
-    if isinstance(left, _Routed) and bounds is None and weight_grad_gathers(left.src, left.rows, right, shape):
-        return gluon_weight_grad.k_grouped_mm(left.src, right, offsets, left.rows)
+    left_src, right_src, left_rows, right_rows = _sources(left, right)
+    if bounds is None and weight_grad_gathers(left_src, right_src, shape, left_rows, right_rows):
+        return gluon_weight_grad.k_grouped_mm(left_src, right_src, offsets, left_rows, right_rows)
     left, left_rows = left.operand() if isinstance(left, _Routed) else (left, None)
     right, right_rows = right.operand() if isinstance(right, _Routed) else (right, None)
     if left_rows is None and right_rows is None:
