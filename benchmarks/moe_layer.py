@@ -6,7 +6,9 @@
 Each method gets the same bf16 tokens, the same top-k expert ids and routing weights (the router is not
 timed: it is the model's own code either way) and the same expert weights [E, 2I, H] / [E, H, I]:
 
-- prmc:                 torch.ops.prmc.sort_by_expert -> experts (Triton and CUTLASS kernels)
+- prmc:                 torch.ops.prmc.sort_by_expert -> experts (Triton, Gluon and CUTLASS kernels) under
+                        ``torch.compile``, as ``backend="prmc"`` lowers a block and hands it to Inductor (the
+                        compiled backward frees what the ops' backward no longer reads)
 - tf grouped_mm+Inductor: transformers 5.17 ``Qwen3MoeExperts`` (``_experts_implementation="grouped_mm"``)
                         under ``torch.compile``
 - tf eager loop:        the same module with ``"eager"`` (a Python loop over experts)
@@ -166,9 +168,10 @@ def bench_config(name, tokens, device, rounds):
     x_balanced = torch.randn(experts, rows_per_expert, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
     grad_balanced = torch.randn(experts, rows_per_expert, hidden, device=device, dtype=torch.bfloat16)
     compiled = torch.compile(tf_grouped)
+    prmc_compiled = torch.compile(prmc_experts, dynamic=False)
 
     runs = {
-        "prmc": (lambda: prmc_experts(x, ids, weights, w_gate_up, w_down), [x, weights, w_gate_up, w_down], grad_out),
+        "prmc": (lambda: prmc_compiled(x, ids, weights, w_gate_up, w_down), [x, weights, w_gate_up, w_down], grad_out),
         "tf grouped_mm+Inductor": (lambda: compiled(x, ids, weights), [x, weights, w_gate_up, w_down], grad_out),
         "tf eager loop": (lambda: tf_eager(x, ids, weights), [x, weights, w_gate_up, w_down], grad_out),
         "cuBLAS bmm ceiling": (lambda: balanced_bmm(x_balanced, w_gate_up, w_down), [x_balanced, w_gate_up, w_down], grad_balanced),

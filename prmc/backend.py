@@ -42,7 +42,7 @@ class OpsVersionTag(CustomGraphPass):
     """A post-grad pass that changes nothing; its uuid, a hash of the prmc op definitions, enters the cache
     keys of Inductor and AOT autograd. Their caches key a graph by its forward; the backward of a prmc op
     comes from its registered autograd, which the key does not see. Without this, a graph cached before a
-    change of that autograd (another ``experts_backward`` signature, say) is reused after it and fails.
+    change of that autograd (another signature of a backward op, say) is reused after it and fails.
     Set only where the user's Inductor config has no post-grad pre pass of its own."""
 
     def __call__(self, graph: Graph) -> None:

@@ -16,9 +16,13 @@ The granularity follows what later passes need as separate graph nodes:
                         It also returns the pre-activation, the one [M, F] tensor its backward keeps (``h``
                         is recomputed from it in the backward's fused per-row pass; the recompute pass
                         may choose to recompute it too).
-``experts_backward``    its backward, an op of its own so that kernels can replace it. ``preact`` is
-                        differentiable too (its gradient adds to the one through ``h``), though the
-                        lowering never uses it.
+``experts_backward_down``, ``experts_backward_gate_up``
+                        its backward, ops of their own so that kernels can replace them, in two: the
+                        down projection's and the activation's (-> d preact, grad_w_down, grad_scale),
+                        then the gate_up projection's (-> grad_x, grad_w_gate_up). Between them the compiled
+                        backward frees ``preact``, the largest tensor the forward keeps, before the gate_up
+                        gradients allocate theirs. ``preact`` is differentiable too (its gradient adds to
+                        d preact), though the lowering never uses it.
 
 The expert ops take ``order`` (sort_by_expert's permutation: the slot ``t * top_k + k`` of each routed row),
 its ``inverse`` and ``top_k``, not just the token of each row: the inverse lists each token's rows, which
@@ -129,38 +133,43 @@ def _(x, order, inverse, top_k, offsets, w_gate_up, w_down, scale, activation, g
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(order.shape[0], w_gate_up.shape[1])
 
 
-@torch.library.custom_op("prmc::experts_backward", mutates_args=())
-def experts_backward(
+@torch.library.custom_op("prmc::experts_backward_down", mutates_args=())
+def experts_backward_down(
     grad_out: Tensor,
     grad_preact: Tensor | None,
-    x: Tensor,
     order: Tensor,
-    inverse: Tensor,
     top_k: int,
     offsets: Tensor,
-    w_gate_up: Tensor,
     w_down: Tensor,
     preact: Tensor,
     scale: Tensor | None,
     activation: str,
     gated: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (grad_x [T, H], grad_w_gate_up [E, F, H], grad_w_down [E, H, I], grad_scale [M] in slot order, or
-    [0] without ``scale``)."""
-    return reference.experts_backward(
-        grad_out, grad_preact, x, order, inverse, top_k, offsets, w_gate_up, w_down, preact, scale, activation, gated
+) -> tuple[Tensor, Tensor, Tensor]:
+    """grad_out [T, H], grad_preact [M, F]?, preact [M, F] -> (d preact [M, F], grad_w_down [E, H, I], grad_scale [M]
+    in slot order, or [0] without ``scale``)."""
+    return reference.experts_backward_down(
+        grad_out, grad_preact, order, top_k, offsets, w_down, preact, scale, activation, gated
     )  # fmt: skip
 
 
-@experts_backward.register_fake
-def _(grad_out, grad_preact, x, order, inverse, top_k, offsets, w_gate_up, w_down, preact, scale, activation, gated):
-    grad_scale = scale.new_empty(scale.shape) if scale is not None else x.new_empty(0)
-    return (
-        torch.empty_like(x, memory_format=torch.contiguous_format),
-        w_gate_up.new_empty(w_gate_up.shape),
-        w_down.new_empty(w_down.shape),
-        grad_scale,
-    )
+@experts_backward_down.register_fake
+def _(grad_out, grad_preact, order, top_k, offsets, w_down, preact, scale, activation, gated):
+    grad_scale = scale.new_empty(scale.shape) if scale is not None else preact.new_empty(0)
+    return torch.empty_like(preact, memory_format=torch.contiguous_format), w_down.new_empty(w_down.shape), grad_scale
+
+
+@torch.library.custom_op("prmc::experts_backward_gate_up", mutates_args=())
+def experts_backward_gate_up(
+    dpre: Tensor, x: Tensor, order: Tensor, inverse: Tensor, top_k: int, offsets: Tensor, w_gate_up: Tensor
+) -> tuple[Tensor, Tensor]:
+    """d preact [M, F], x [T, H] -> (grad_x [T, H], grad_w_gate_up [E, F, H])."""
+    return reference.experts_backward_gate_up(dpre, x, order, inverse, top_k, offsets, w_gate_up)
+
+
+@experts_backward_gate_up.register_fake
+def _(dpre, x, order, inverse, top_k, offsets, w_gate_up):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), w_gate_up.new_empty(w_gate_up.shape)
 
 
 def _experts_setup(ctx, inputs, output):
@@ -178,10 +187,12 @@ def _experts_backward(ctx, grad_out, grad_preact):
     x, order, inverse, offsets, w_gate_up, w_down, preact, scale = ctx.saved_tensors
     if grad_out is None:
         grad_out = x.new_zeros(x.shape)
-    grad_x, grad_w_gate_up, grad_w_down, grad_scale = torch.ops.prmc.experts_backward(
+    dpre, grad_w_down, grad_scale = torch.ops.prmc.experts_backward_down(
         grad_out.contiguous(), grad_preact.contiguous() if grad_preact is not None else None,
-        x, order, inverse, ctx.top_k, offsets, w_gate_up, w_down, preact,
-        scale if ctx.has_scale else None, ctx.activation, ctx.gated,
+        order, ctx.top_k, offsets, w_down, preact, scale if ctx.has_scale else None, ctx.activation, ctx.gated,
+    )  # fmt: skip
+    grad_x, grad_w_gate_up = torch.ops.prmc.experts_backward_gate_up(
+        dpre, x, order, inverse, ctx.top_k, offsets, w_gate_up
     )  # fmt: skip
     grad_scale = grad_scale if ctx.has_scale else None
     return grad_x, None, None, None, None, grad_w_gate_up, grad_w_down, grad_scale, None, None

@@ -1,11 +1,13 @@
 """The prmc custom ops themselves (CPU, reference implementation): registration, fake tensors, autograd.
 
 ``torch.library.opcheck`` checks the schema, the fake implementation against the real one, the autograd
-registration and AOT dispatch with dynamic shapes; ``gradcheck`` checks ``experts_backward`` against
-numerical gradients in float64.
+registration and AOT dispatch with dynamic shapes; ``gradcheck`` checks the backward ops
+(``experts_backward_down``, then ``experts_backward_gate_up``) against numerical gradients in float64.
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -79,3 +81,40 @@ def test_experts_rejects_mismatched_weights():
     layer["w_down"] = layer["w_down"][:, :, :3]  # intermediate 3, gate_up says 4
     with pytest.raises(RuntimeError, match="w_down .* does not match w_gate_up"):
         torch.ops.prmc.experts(*_args(layer))
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_backward_ops_opcheck(scale):
+    layer = _layer()
+    x, order, inverse, top_k, offsets, w_gate_up, w_down, s, activation, gated = _args(layer, scale=scale)
+    _, preact = torch.ops.prmc.experts(*_args(layer, scale=scale))
+    grad_out = torch.randn_like(x)
+    down_args = (grad_out, None, order, top_k, offsets, w_down, preact, s, activation, gated)
+    torch.library.opcheck(torch.ops.prmc.experts_backward_down.default, down_args)
+    dpre, _, grad_scale = torch.ops.prmc.experts_backward_down(*down_args)
+    assert grad_scale.shape == (order.shape if scale else (0,))
+    torch.library.opcheck(
+        torch.ops.prmc.experts_backward_gate_up.default, (dpre, x, order, inverse, top_k, offsets, w_gate_up)
+    )  # fmt: skip
+
+
+def test_compiled_backward_frees_preact_between_its_two_ops():
+    """The backward's two ops let the compiled backward free preact (the [M, F] tensor the forward keeps) once the
+    down projection's op has read it, before the gate_up projection's op allocates its gradients."""
+    from torch._inductor.utils import run_and_get_code
+
+    layer = _layer()
+    inputs = [layer[k].float().requires_grad_() for k in ("x", "w_gate_up", "w_down", "scale")]
+
+    def forward(x, w_gate_up, w_down, s):
+        args = (x, layer["order"], layer["inverse"], layer["top_k"], layer["offsets"], w_gate_up, w_down, s)
+        return torch.ops.prmc.experts(*args, "silu", True)[0]
+
+    compiled = torch.compile(forward)
+    _, codes = run_and_get_code(lambda: compiled(*inputs).sum().backward())
+    backward = next(code for code in codes if "experts_backward_down" in code).splitlines()
+    down = next(i for i, line in enumerate(backward) if "prmc.experts_backward_down.default(" in line)
+    gate_up = next(i for i, line in enumerate(backward) if "prmc.experts_backward_gate_up.default(" in line)
+    preact = re.search(r"experts_backward_down\.default\((.*)\)", backward[down]).group(1).split(", ")[6]
+    freed = [i for i, line in enumerate(backward) if re.fullmatch(rf"\s*del {preact}", line)]
+    assert freed and down < freed[0] < gate_up, "\n".join(backward)

@@ -66,6 +66,16 @@ class Case:
     transposed_weights: bool = False  # weights as transposed views of [E, H, F] / [E, I, H] storage
 
 
+def _backward(impl, grad_out, grad_preact, x, order, inverse, top_k, offsets, w_gate_up, w_down, preact, scale, case):
+    """(grad_x, grad_w_gate_up, grad_w_down, grad_scale) from ``impl``'s two backward functions (triton_moe's or the
+    reference's), chained as the op's autograd chains them."""
+    dpre, grad_w_down, grad_scale = impl.experts_backward_down(
+        grad_out, grad_preact, order, top_k, offsets, w_down, preact, scale, case.activation, case.gated
+    )  # fmt: skip
+    grad_x, grad_w_gate_up = impl.experts_backward_gate_up(dpre, x, order, inverse, top_k, offsets, w_gate_up)
+    return grad_x, grad_w_gate_up, grad_w_down, grad_scale
+
+
 def check_case(case: Case, device) -> dict[str, float]:
     """Relative error of every output of the expert ops, forward and backward, Triton launchers vs reference."""
     from prmc.kernels import triton_moe
@@ -103,11 +113,9 @@ def check_case(case: Case, device) -> dict[str, float]:
         # The backward takes the kernel's preact (rounded as the op saves it) so both sides see one input;
         # the unscaled pass also sends a gradient into preact itself (differentiable, never used by prmc).
         grad_preact = randn(m, f) if s is None else None
-        grads = triton_moe.experts_backward(
-            grad_out, grad_preact, x, *args, w_gate_up, w_down, preact, s, case.activation, case.gated
-        )  # fmt: skip
-        grads_ref = reference.experts_backward(
-            d(grad_out), d(grad_preact), d(x), *args, d(w_gate_up), d(w_down), d(preact), d(s), case.activation, case.gated
+        grads = _backward(triton_moe, grad_out, grad_preact, x, *args, w_gate_up, w_down, preact, s, case)
+        grads_ref = _backward(
+            reference, d(grad_out), d(grad_preact), d(x), *args, d(w_gate_up), d(w_down), d(preact), d(s), case
         )  # fmt: skip
         names = ["grad_x", "grad_w_gate_up", "grad_w_down"] + (["grad_scale"] if s is not None else [])
         for grad_name, grad, grad_ref in zip(names, grads, grads_ref):

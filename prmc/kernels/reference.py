@@ -144,35 +144,6 @@ def expert_gate_up(
     return activate(_acc(preact), activation, gated).to(x.dtype), preact
 
 
-def expert_gate_up_backward(
-    grad_h: torch.Tensor,
-    x: torch.Tensor,
-    order: torch.Tensor,
-    top_k: int,
-    offsets: torch.Tensor,
-    weight: torch.Tensor,
-    preact: torch.Tensor,
-    activation: str,
-    gated: bool,
-    grad_preact: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns grad_x [T, H] (summed over each token's rows) and grad_weight [E, F, H]; ``grad_preact``, a
-    gradient arriving at preact itself, adds to the one coming through h."""
-    rows = order // top_k
-    dpre = activate_backward(_acc(grad_h), _acc(preact), activation, gated)
-    if grad_preact is not None:
-        dpre = dpre + _acc(grad_preact)
-    xs = _acc(x[rows])
-    grad_xs = torch.zeros_like(xs)
-    grad_w = xs.new_zeros(weight.shape)
-    for e, (s, t) in enumerate(group_bounds(offsets)):
-        if t > s:
-            grad_xs[s:t] = dpre[s:t] @ _acc(weight[e])
-            grad_w[e] = dpre[s:t].t() @ xs[s:t]
-    grad_x = xs.new_zeros(x.shape).index_add_(0, rows, grad_xs)
-    return grad_x.to(x.dtype), grad_w.to(weight.dtype)
-
-
 def expert_down(
     h: torch.Tensor,
     offsets: torch.Tensor,
@@ -200,36 +171,6 @@ def expert_down(
     return out.to(h.dtype)
 
 
-def expert_down_backward(
-    grad_out: torch.Tensor,
-    h: torch.Tensor,
-    offsets: torch.Tensor,
-    weight: torch.Tensor,
-    order: torch.Tensor,
-    top_k: int,
-    scale: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns grad_h [M, I], grad_weight [E, H, I], grad_scale [M] (empty [0] when ``scale`` is None).
-
-    ``grad_scale[i] = <grad_out[t] @ weight[e], h[i]>`` (t = order[i] // top_k) reuses the product that
-    grad_h needs, so no GEMM output is saved or recomputed for it.
-    """
-    g = _acc(grad_out[order // top_k])
-    hf = _acc(h)
-    dh = torch.zeros_like(hf)
-    grad_w = hf.new_zeros(weight.shape)
-    s_ = _acc(scale)[:, None] if scale is not None else None
-    gs = g * s_ if s_ is not None else g
-    for e, (s, t) in enumerate(group_bounds(offsets)):
-        if t > s:
-            dh[s:t] = g[s:t] @ _acc(weight[e])
-            grad_w[e] = gs[s:t].t() @ hf[s:t]
-    if scale is None:
-        return dh.to(h.dtype), grad_w.to(weight.dtype), h.new_empty(0)
-    grad_scale = (dh * hf).sum(-1)
-    return (dh * s_).to(h.dtype), grad_w.to(weight.dtype), grad_scale.to(scale.dtype)
-
-
 def experts(
     x: torch.Tensor,
     order: torch.Tensor,
@@ -254,34 +195,68 @@ def experts(
     return expert_down(h, offsets, w_down, order, top_k, row_scale), preact
 
 
-def experts_backward(
+def experts_backward_down(
     grad_out: torch.Tensor,
     grad_preact: torch.Tensor | None,
+    order: torch.Tensor,
+    top_k: int,
+    offsets: torch.Tensor,
+    w_down: torch.Tensor,
+    preact: torch.Tensor,
+    scale: torch.Tensor | None,
+    activation: str,
+    gated: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of the down projection and the activation, from ``grad_out`` [T, H] (token order) and the saved
+    ``preact`` [M, F]: -> d preact [M, F] (preact's dtype), grad_w_down [E, H, I], grad_scale [M] in slot order
+    (scale's dtype; [0] without scale).
+
+    Per routed row r of token t = order[r] // top_k: ``g = grad_out[t] @ W_down[e]``, ``grad_scale = <g, h>``
+    (``h`` recomputed from preact as the forward rounded it), d preact the activation's backward of
+    ``scale * g``, plus ``grad_preact``, a gradient arriving at preact itself (None where nothing used it, the usual
+    case); ``grad_w_down[e] = grad_out[rows of e].T @ (scale * h)[rows of e]``.
+    """
+    h = _acc(activate(_acc(preact), activation, gated).to(preact.dtype))
+    go = _acc(grad_out[order // top_k])
+    g = torch.zeros_like(h)
+    bounds = group_bounds(offsets)
+    for e, (s, t) in enumerate(bounds):
+        if t > s:
+            g[s:t] = go[s:t] @ _acc(w_down[e])
+    grad_scale = preact.new_empty(0)
+    if scale is not None:
+        row_scale = _acc(scale[order])[:, None]
+        grad_scale = torch.empty_like(scale)
+        grad_scale[order] = (g * h).sum(-1).to(scale.dtype)
+        g, h = g * row_scale, h * row_scale
+    grad_w_down = h.new_zeros(w_down.shape)
+    for e, (s, t) in enumerate(bounds):
+        if t > s:
+            grad_w_down[e] = go[s:t].t() @ h[s:t]
+    dpre = activate_backward(g, _acc(preact), activation, gated)
+    if grad_preact is not None:
+        dpre = dpre + _acc(grad_preact)
+    return dpre.to(preact.dtype), grad_w_down.to(w_down.dtype), grad_scale
+
+
+def experts_backward_gate_up(
+    dpre: torch.Tensor,
     x: torch.Tensor,
     order: torch.Tensor,
     inverse: torch.Tensor,
     top_k: int,
     offsets: torch.Tensor,
     w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
-    preact: torch.Tensor,
-    scale: torch.Tensor | None,
-    activation: str,
-    gated: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> grad_x [T, H], grad_w_gate_up [E, F, H], grad_w_down [E, H, I], grad_scale [M] in slot order ([0]
-    without scale).
-
-    ``grad_preact`` is the gradient of the second output (None where nothing used it, the usual case).
-    """
-    h = activate(_acc(preact), activation, gated).to(preact.dtype)  # as the forward rounded it
-    row_scale = scale[order] if scale is not None else None
-    grad_h, grad_w_down, row_grad_scale = expert_down_backward(grad_out, h, offsets, w_down, order, top_k, row_scale)
-    grad_x, grad_w_gate_up = expert_gate_up_backward(
-        grad_h, x, order, top_k, offsets, w_gate_up, preact, activation, gated, grad_preact
-    )  # fmt: skip
-    grad_scale = row_grad_scale
-    if scale is not None:
-        grad_scale = torch.empty_like(row_grad_scale)
-        grad_scale[order] = row_grad_scale
-    return grad_x, grad_w_gate_up, grad_w_down, grad_scale
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward of the gate_up projection from d preact [M, F]: -> grad_x [T, H] (summed over each token's rows,
+    x's dtype), grad_w_gate_up [E, F, H] (``d preact[rows of e].T @ x[rows of e]``)."""
+    rows = order // top_k
+    dp, xs = _acc(dpre), _acc(x[rows])
+    grad_xs = torch.zeros_like(xs)
+    grad_w = xs.new_zeros(w_gate_up.shape)
+    for e, (s, t) in enumerate(group_bounds(offsets)):
+        if t > s:
+            grad_xs[s:t] = dp[s:t] @ _acc(w_gate_up[e])
+            grad_w[e] = dp[s:t].t() @ xs[s:t]
+    grad_x = xs.new_zeros(x.shape).index_add_(0, rows, grad_xs)
+    return grad_x.to(x.dtype), grad_w.to(w_gate_up.dtype)

@@ -17,10 +17,11 @@ sort_by_expert        a counting sort in three Triton launches, giving the inver
 experts               x[rows] -> "gate_up": GEMM with W_gate_up.T, preact + h = act(gate) * up; "store": h @ W_down.T
                       per routed row; combine_rows (* routing weight, summed per token through ``inverse``).
                       Keeps only preact.
-experts_backward      g = grad_out[rows] @ W_down per routed row ("store"); mlp_grad_rows: d preact, grad_scale,
+experts_backward_down g = grad_out[rows] @ W_down per routed row ("store"); mlp_grad_rows: d preact, grad_scale,
                       scale * h (h recomputed from preact); grad_W_down = grad_out[rows].T @ (scale * h) (weight
-                      grad); grad_x = combine_rows("store": d preact @ W_gate_up); grad_W_gate_up = d preact.T @
-                      x[rows] (weight grad). With a few large experts (cublas.takes: Mixtral-class, Hopper, bf16)
+                      grad)
+experts_backward_     grad_x = combine_rows("store": d preact @ W_gate_up); grad_W_gate_up = d preact.T @ x[rows]
+gate_up               (weight grad). With a few large experts (cublas.takes: Mixtral-class, Hopper, bf16)
                       grad_W_gate_up is one cuBLAS mm per expert where the Gluon kernel does not fit
 ====================  =======================================================================================
 routed rows           x[rows], grad_out[rows] (``_Routed``): gathered by the GEMM's own loads where it can (the
@@ -210,38 +211,27 @@ def experts(
     return combine_rows(y, inverse, top_k, offsets, scale), preact
 
 
-def experts_backward(
+def experts_backward_down(
     grad_out: Tensor,
     grad_preact: Tensor | None,
-    x: Tensor,
     order: Tensor,
-    inverse: Tensor,
     top_k: int,
     offsets: Tensor,
-    w_gate_up: Tensor,
     w_down: Tensor,
     preact: Tensor,
     scale: Tensor | None,
     activation: str,
     gated: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if not _kernels_take(grad_out, grad_preact, x, w_gate_up, w_down, preact):
-        return reference.experts_backward(
-            grad_out, grad_preact, x, order, inverse, top_k, offsets, w_gate_up, w_down, preact, scale, activation, gated
+) -> tuple[Tensor, Tensor, Tensor]:
+    if not _kernels_take(grad_out, grad_preact, w_down, preact):
+        return reference.experts_backward_down(
+            grad_out, grad_preact, order, top_k, offsets, w_down, preact, scale, activation, gated
         )  # fmt: skip
     offsets, rows = offsets.int(), order // top_k
     scale = scale.contiguous() if scale is not None else None
     preact = preact.contiguous()
-    # Few large experts (cublas.takes: Mixtral-class, Hopper, bf16): grad_W_gate_up on cuBLAS per expert where the
-    # Gluon kernel does not fit (on Mixtral: Gluon 5.93-5.98 ms, cuBLAS per expert 6.09, CUTLASS 6.36-6.58; v12).
-    # NOTE: host sync there (d preact will have preact's dtype and layout): the group bounds go to the host now, and
-    # are waited for once the products before it are queued, so that the GPU has those to run while the host waits.
-    per_expert = cublas.takes(offsets, rows.shape[0], preact, x, w_gate_up) and not gluon_weight_grad.fits(
-        w_gate_up.shape, preact.dtype, preact.device
-    )
-    bounds_later = cublas.group_bounds_later(offsets) if per_expert else None
-    # Down projection: g = grad_out[rows] @ W_down[e], the gradient at h before the routing weight. Where a copy of
-    # grad_out[rows] is made, it serves this product and the weight gradient.
+    # g = grad_out[rows] @ W_down[e], the gradient at h before the routing weight. Where a copy of grad_out[rows] is
+    # made, it serves this product and the weight gradient.
     grad_out_rows = _Routed(grad_out, rows)
     g = grad_out.new_empty(rows.shape[0], w_down.shape[2])
     _row_product(grad_out_rows, offsets, w_down, g)
@@ -250,19 +240,37 @@ def experts_backward(
     if grad_preact is not None:  # preact used beyond h: never by the lowering
         dpre += grad_preact
     grad_w_down = _weight_grad(grad_out_rows, hs, offsets, w_down.shape)
-    grad_out_rows.release()
-    del hs
-    # Gate/up projection, from d preact.
+    return dpre, grad_w_down, grad_scale if scale is not None else preact.new_empty(0)
+
+
+def experts_backward_gate_up(
+    dpre: Tensor, x: Tensor, order: Tensor, inverse: Tensor, top_k: int, offsets: Tensor, w_gate_up: Tensor
+) -> tuple[Tensor, Tensor]:
+    if not _kernels_take(dpre, x, w_gate_up):
+        return reference.experts_backward_gate_up(dpre, x, order, inverse, top_k, offsets, w_gate_up)
+    offsets, rows = offsets.int(), order // top_k
+    dpre = dpre.contiguous()
+    # Few large experts (cublas.takes: Mixtral-class, Hopper, bf16): grad_W_gate_up on cuBLAS per expert where the
+    # Gluon kernel does not fit (on Mixtral: Gluon 5.93-5.98 ms, cuBLAS per expert 6.09, CUTLASS 6.36-6.58; v12).
+    # NOTE: host sync there: the group bounds go to the host now, behind the work queued so far, and are waited for
+    # once grad_x's products are queued, so that the GPU has those to run while the host waits.
+    per_expert = cublas.takes(offsets, rows.shape[0], dpre, x, w_gate_up) and not gluon_weight_grad.fits(
+        w_gate_up.shape, dpre.dtype, dpre.device
+    )
+    bounds_later = cublas.group_bounds_later(offsets) if per_expert else None
     grad_x = combine_rows(_per_row_product(dpre, offsets, w_gate_up), inverse, top_k, offsets)
     # x[rows] is gathered again rather than kept from the forward (that would hold T*k*H more memory).
     bounds = bounds_later() if bounds_later is not None else None
     grad_w_gate_up = _weight_grad(dpre, _Routed(x, rows), offsets, w_gate_up.shape, bounds=bounds)
-    return grad_x, grad_w_gate_up, grad_w_down, grad_scale if scale is not None else x.new_empty(0)
+    return grad_x, grad_w_gate_up
 
 
 def register() -> None:
     """Make these the CUDA implementations of ``torch.ops.prmc.*`` (CPU keeps the reference)."""
-    for name, fn in [("sort_by_expert", sort_by_expert), ("experts", experts), ("experts_backward", experts_backward)]:
+    for name, fn in [
+        ("sort_by_expert", sort_by_expert), ("experts", experts), ("experts_backward_down", experts_backward_down),
+        ("experts_backward_gate_up", experts_backward_gate_up),
+    ]:  # fmt: skip
         torch.library.register_kernel(f"prmc::{name}", "cuda", fn)
 
 
