@@ -108,9 +108,9 @@ def takes(
     both TMA-aligned with unit column stride. The gathered operand must be the kernel's L, the 128-column tile (the
     256 columns of R's ran 17-26% slower by cp.async, v14): ``left`` over untransposed tiles (``_transposed`` false),
     ``right`` over transposed ones (Q of 128-row tiles, P of 256-wide ones)."""
-    rows = left_rows if left_rows is not None else right_rows
     if left_rows is not None and right_rows is not None:
         return False
+    rows = left_rows if left_rows is not None else right_rows
     if rows is not None:
         src = left if left_rows is not None else right
         gathered_l = not _transposed(*shape[1:]) if left_rows is not None else _transposable(*shape[1:])
@@ -342,7 +342,8 @@ if __name__ == "__main__":
         m, ends, rows = order.shape[0], [0, *offsets.tolist()], order // top_k
         # (the third: DeepSeek-V2-Lite's I, whose tiles run over the transposed product)
         for name, p, q, routed in [
-            ("down", hidden, inter, "left"), ("gate_up", 2 * inter, hidden, "right"), ("down I=1408", hidden, 1408, "left")
+            ("down", hidden, inter, "left"), ("gate_up", 2 * inter, hidden, "right"),
+            ("down I=1408", hidden, 1408, "left"),
         ]:  # fmt: skip
             src = torch.randn(tokens, p if routed == "left" else q, device="cuda", dtype=torch.bfloat16)
             left = src[rows] if routed == "left" else torch.randn(m, p, device="cuda", dtype=torch.bfloat16)
@@ -350,8 +351,8 @@ if __name__ == "__main__":
             ref = torch.stack([left[s:t].double().t() @ right[s:t].double() for s, t in zip(ends, ends[1:])])
             runs = {"gluon": k_grouped_mm, "cutlass": cutlass.k_grouped_mm}
             gathered = (src, right, rows, None) if routed == "left" else (left, src, None, rows)
-            if takes(gathered[0], gathered[1], ref.shape, *gathered[2:]):
-                runs["gathered"] = lambda left, right, offsets: k_grouped_mm(gathered[0], gathered[1], offsets, *gathered[2:])
+            if takes(*gathered[:2], ref.shape, *gathered[2:]):
+                runs["gathered"] = lambda left, right, offsets: k_grouped_mm(*gathered[:2], offsets, *gathered[2:])
             for kernel, launch in runs.items():
                 ms = triton.testing.do_bench(lambda: launch(left, right, offsets), warmup=200, rep=300)
                 out = launch(left, right, offsets)

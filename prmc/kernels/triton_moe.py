@@ -26,10 +26,10 @@ gate_up               (weight grad). With a few large experts (cublas.takes: Mix
 ====================  =======================================================================================
 routed rows           x[rows], grad_out[rows] (``_Routed``): gathered by the GEMM's own loads where it can (the
                       Gluon kernels' cp.async on Hopper: the gate_up forward up to MAX_GATHERED_COLUMNS, grad_h,
-                      both weight gradients up to MAX_WEIGHT_GRAD_GATHERED_COLUMNS; the Triton kernels' pointer loads where
-                      the GPU has no TMA), else one gather_rows copy read through TMA, shared by the GEMMs that
-                      need it (grad_W_down over transposed tiles; wider layers: DeepSeek-V2-Lite's grad_W_gate_up,
-                      Mixtral's)
+                      both weight gradients up to MAX_WEIGHT_GRAD_GATHERED_COLUMNS; the Triton kernels' pointer
+                      loads where the GPU has no TMA), else one gather_rows copy read through TMA, shared by the
+                      GEMMs of an op that need it (grad_W_down over transposed tiles; wider layers:
+                      DeepSeek-V2-Lite's grad_W_gate_up, Mixtral's)
 ====================  =======================================================================================
 
 Inputs outside what the kernels take (fp64, mixed dtypes, indices not int64/int32) fall back to the
@@ -72,9 +72,9 @@ MAX_WEIGHT_GRAD_GATHERED_COLUMNS = 2048
 
 class _Routed:
     """``src[rows]`` for the GEMMs that read it. Each gathers the rows on its own loads where it can: cp.async in the
-    Gluon kernels (Hopper, bf16/fp16, up to ``MAX_*GATHERED_COLUMNS``); the Triton kernels' pointer loads where the GPU has
-    no TMA. Elsewhere on Hopper they read one copy through TMA (TMA has no row gather; gathering first, then TMA,
-    beat gathering on pointer loads: benchmarks/KERNELS_NOTES.md, v7-v8), made on first use and shared."""
+    Gluon kernels (Hopper, bf16/fp16, up to ``MAX_*GATHERED_COLUMNS``); the Triton kernels' pointer loads where the
+    GPU has no TMA. Elsewhere on Hopper they read one copy through TMA (TMA has no row gather; gathering first, then
+    TMA, beat gathering on pointer loads: benchmarks/KERNELS_NOTES.md, v7-v8), made on first use and shared."""
 
     def __init__(self, src: Tensor, rows: Tensor):
         self.src, self.rows, self._copy = src, rows, None
