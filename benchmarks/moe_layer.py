@@ -282,7 +282,7 @@ def breakdown(name, tokens, device) -> None:
         return choices
 
     def k_choices(product, left, right, shape, flops, per_expert=False, gathered=None):
-        """A weight gradient's kernels in the layer's order (_weight_grad, experts_backward): the Gluon kernel on
+        """A weight gradient's kernels in the layer's order (_weight_grad, experts_backward_*): the Gluon kernel on
         ``gathered`` (its operands: left, right, left_rows, right_rows; the routed one's rows gathered by cp.async)
         where the layer runs it, the Gluon kernel where it takes the operands, with ``per_expert`` cuBLAS per expert,
         then CUTLASS."""

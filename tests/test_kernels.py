@@ -42,7 +42,7 @@ CASES = {
     # few large experts: CUTLASS and one cuBLAS mm per expert (here torch.mm on CPU); expert 0 empty
     "bf16-silu-cublas-skewed-unrouted": Case(37, 48, 40, 5, 2, dtype=torch.bfloat16, hot=2, unrouted=3),
     # the Hopper bf16 composition around the Gluon kernels (here torch stand-ins): rows gathered in the GEMMs where
-    # the layer does, else copies read through TMA (MAX_GATHERED_COLUMNS exceeded: Mixtral-class widths)
+    # the layer does, else copies read through TMA (MAX_*GATHERED_COLUMNS exceeded: Mixtral-class widths)
     "bf16-silu-gluon-gathered-unrouted": Case(37, 48, 40, 5, 2, dtype=torch.bfloat16, unrouted=3),
     "bf16-gelu-gluon-wide-skewed": Case(29, 40, 24, 4, 3, dtype=torch.bfloat16, activation="gelu", hot=1, unrouted=5),
 }  # fmt: skip

@@ -88,10 +88,6 @@ class _Routed:
             self._copy = gather_rows(self.src, self.rows)
         return self._copy, None
 
-    def release(self) -> None:
-        """Free the copy (the GEMMs reading it are queued)."""
-        self._copy = None
-
 
 def gathered_row_weight(
     src: Tensor, rows: Tensor, b: Tensor, c: Tensor, h: Tensor | None = None, gated: bool = False
