@@ -275,7 +275,7 @@ def breakdown(name, tokens, device) -> None:
         if weight is not None:
             run = lambda: gluon_gemm.grouped_gemm(a, offsets, weight, c, h)  # noqa: E731
             choices.insert(0, (f"{product} (Gluon{kind})", (run, flops)))
-        gathered = gathered_row_weight(src, rows, b, c, h, h is not None) if src is not None else None
+        gathered = gathered_row_weight(src, rows, b, c, h) if src is not None else None
         if gathered is not None:
             run = lambda: gluon_gemm.grouped_gemm(src, offsets, gathered, c, h, "silu", rows)  # noqa: E731
             choices.insert(0, (f"{product} (Gluon{kind}, gathered)", (run, flops)))
@@ -305,7 +305,7 @@ def breakdown(name, tokens, device) -> None:
     # Where the layer gathers in the GEMMs instead of copying (_row_product, _weight_grad): x's rows in the forward
     # unless the gate_up forward reads a copy, in the backward unless its weight gradient does; grad_out's unless the
     # down weight gradient reads a copy (grad_h gathers either way).
-    x_copied = gathered_row_weight(x, rows, w_gate_up.transpose(1, 2), preact, h, True) is None
+    x_copied = gathered_row_weight(x, rows, w_gate_up.transpose(1, 2), preact, h) is None
     x_copied_bwd = not weight_grad_gathers(dpre, x, w_gate_up.shape, None, rows)
     grad_out_copied = gathered_row_weight(grad_out, rows, w_down, g_alt) is None or not weight_grad_gathers(
         grad_out, hs, w_down.shape, rows

@@ -90,12 +90,12 @@ class _Routed:
 
 
 def gathered_row_weight(
-    src: Tensor, rows: Tensor, b: Tensor, c: Tensor, h: Tensor | None = None, gated: bool = False
+    src: Tensor, rows: Tensor, b: Tensor, c: Tensor, h: Tensor | None = None
 ) -> tuple[Tensor, bool] | None:
     """The Gluon kernel's weight operand (``gluon_gemm.weight_operand``) where the layer runs ``c = src[rows] @ b[e]``
     on it gathering the rows by cp.async (``h``: the gated epilogue); None where it reads a copy instead."""
-    if h is not None and (not gated or c.shape[1] > MAX_GATHERED_COLUMNS):
-        return None  # (the Gluon kernel has no ungated activation)
+    if h is not None and c.shape[1] > MAX_GATHERED_COLUMNS:
+        return None
     return gluon_gemm.weight_operand(src, b, c, h, rows)
 
 
@@ -131,14 +131,15 @@ def _row_product(
     the store products by 4-9% on the fine-grained layers and level on Mixtral's, v10; the gated forward by 1-2%,
     2-7% on Mixtral's, v11; benchmarks/KERNELS_NOTES.md; it has no ungated activation); elsewhere the Triton kernel,
     through TMA where the GPU has it (within 2% of CUTLASS or faster, v7), else on pointer loads."""
+    gluon_epilogue = h is None or gated  # (the Gluon kernel has no ungated activation)
     a_rows = None
     if isinstance(a, _Routed):
-        weight = gathered_row_weight(a.src, a.rows, b, c, h, gated)
+        weight = gathered_row_weight(a.src, a.rows, b, c, h) if gluon_epilogue else None
         if weight is not None:
             gluon_gemm.grouped_gemm(a.src, offsets, weight, c, h, activation, a.rows)
             return
         a, a_rows = a.operand()
-    weight = gluon_gemm.weight_operand(a, b, c, h) if a_rows is None and (h is None or gated) else None
+    weight = gluon_gemm.weight_operand(a, b, c, h) if a_rows is None and gluon_epilogue else None
     if weight is not None:
         gluon_gemm.grouped_gemm(a, offsets, weight, c, h, activation)
     elif h is None:
