@@ -245,6 +245,12 @@ if gluon is not None:
         acc = gl.zeros((BP, BQ), dtype=gl.float32, layout=acc_layout)
         while t < total:
             kt = gl.cdiv(end - begin, BK)
+            # The next tile and its first k-step's source rows are looked up before this tile's k-loop, whose
+            # k-steps hide the lookups' latency (looked up after it, they held up the tile's last wgmma).
+            n_t, n_e, n_off_p, n_off_q, n_begin, n_end = _next_tile(
+                t + programs, programs, total, tiles_per_expert, num_q, offsets_ptr, E, BP, BQ, GROUP
+            )
+            n_index = _row_starts(rows_ptr, n_begin, M, stride_l, BK, GATHER, l_layout)
             for k in range(kt - 1):
                 _free(GATHER)
                 _load(l_desc, r_desc, bars, l_bufs, r_bufs, produced, begin + (k + 1) * BK, off_p, off_q, True, l_ptr,
@@ -255,13 +261,9 @@ if gluon is not None:
                 acc = _mma(l_bufs, r_bufs, bars, acc, consumed, k > 0, STAGES)
                 consumed += 1
             # The next tile's first loads go out under this tile's last k-step and its epilogue.
-            n_t, n_e, n_off_p, n_off_q, n_begin, n_end = _next_tile(
-                t + programs, programs, total, tiles_per_expert, num_q, offsets_ptr, E, BP, BQ, GROUP
-            )
-            l_index = _row_starts(rows_ptr, n_begin, M, stride_l, BK, GATHER, l_layout)
             _free(GATHER)
             _load(l_desc, r_desc, bars, l_bufs, r_bufs, produced, n_begin, n_off_p, n_off_q, n_t < total, l_ptr,
-                  l_index, STAGES, GATHER, l_layout)  # fmt: skip
+                  n_index, STAGES, GATHER, l_layout)  # fmt: skip
             l_index = _row_starts(rows_ptr, n_begin + BK, M, stride_l, BK, GATHER, l_layout)
             produced += 1
             _landed(GATHER, 1)
