@@ -87,9 +87,9 @@ def test_form_model_matches_eager(name):
     assert len(graphs[-1].refused) == REFUSED[name], str(graphs[-1])
 
 
-def _check_block(name, options, seed):
+def _check_block(name, options, seed, mode=None):
     block = BLOCK_FORMS[name](seed=seed)
-    compiled = torch.compile(block, backend="prmc", options=options)
+    compiled = torch.compile(block, backend="prmc", options=options, mode=mode)
     x = models.make_inputs(block, seed=seed + 1)
     results = []
     for module in (block, compiled):
@@ -281,6 +281,19 @@ def test_model_without_moe_compiles_as_inductor_would(monkeypatch):
 
 
 # ------------------------------------------------------------------------------ options and API
+
+
+def test_mode_goes_to_inductor(monkeypatch):
+    """torch.compile's mode reaches Inductor as its config (reduce-overhead: CUDA graphs, which Inductor leaves out
+    on CPU), and the rewritten block still trains like eager."""
+    import torch._inductor.compile_fx as cfx
+
+    patches = []
+    real = cfx.compile_fx
+    # (compile_fx calls itself again, under the patches, without them)
+    monkeypatch.setattr(cfx, "compile_fx", lambda gm, inputs, **kw: patches.append(kw.get("config_patches")) or real(gm, inputs, **kw))
+    _check_block("mixtral-grouped_mm", None, seed=4, mode="reduce-overhead")
+    assert patches[0] is not None and patches[0].get("triton.cudagraphs") is True, patches
 
 
 def test_options_are_validated():
