@@ -14,6 +14,9 @@ parameters. The experts run transformers' default implementation
 - inductor:    ``torch.compile(model)``
 - prmc:        ``torch.compile(model, backend="prmc")``: the MoE blocks become ``torch.ops.prmc.*``
 
+``--cudagraphs`` compiles both compiled modes with ``mode="reduce-overhead"`` (Inductor's CUDA graphs; each
+step begins with ``torch.compiler.cudagraph_mark_step_begin()``).
+
 The optimizer step is not compiled (the same fused AdamW in every mode). Times are CUDA-event medians
 of ``--steps`` steps after ``--warmup`` steps (the first of which compiles); peak memory is
 ``torch.cuda.max_memory_allocated`` over the timed steps. Writes ``train_step.md`` and
@@ -78,7 +81,10 @@ def run_mode(name, mode, sizes, args, device, dtype) -> dict:
     if mode == "eager":
         fwd = model
     elif mode == "inductor":
-        fwd = torch.compile(model) if args.compiler == "inductor" else torch.compile(model, backend=args.compiler)
+        if args.cudagraphs:
+            fwd = torch.compile(model, mode="reduce-overhead")
+        else:
+            fwd = torch.compile(model) if args.compiler == "inductor" else torch.compile(model, backend=args.compiler)
     else:
         import prmc
 
@@ -89,11 +95,16 @@ def run_mode(name, mode, sizes, args, device, dtype) -> dict:
             # Run from a checkout without installing: register what the package's torch_dynamo_backends
             # entry point (pyproject.toml) registers when it is installed.
             torch._dynamo.register_backend(prmc.backend, name="prmc")
-        fwd = torch.compile(model, backend="prmc", options={"compiler": args.compiler})
+        if args.cudagraphs:  # (torch.compile takes mode or options; the compiler is Inductor either way)
+            fwd = torch.compile(model, backend="prmc", mode="reduce-overhead")
+        else:
+            fwd = torch.compile(model, backend="prmc", options={"compiler": args.compiler})
     batch = 4 if args.tokens >= 4 * 16 else 1
     ids = torch.randint(0, args.vocab, (batch, args.tokens // batch), device=device)
 
     def step():
+        if args.cudagraphs and mode != "eager":
+            torch.compiler.cudagraph_mark_step_begin()
         opt.zero_grad(set_to_none=True)
         loss = fwd(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -162,7 +173,8 @@ def table(data) -> str:
     lines = [
         f"Training step (fwd + bwd + AdamW), {data['layers']}-layer models, {data['tokens']} tokens/step, "
         f"{data['dtype']}, {env['device']}, torch {env['torch']}, triton {env.get('triton', '-')}, "
-        f"transformers {env['transformers']}; median of {data['steps']} steps.",
+        f"transformers {env['transformers']}; median of {data['steps']} steps"
+        + ("; compiled modes with CUDA graphs (mode=\"reduce-overhead\")." if data.get("cudagraphs") else "."),
         "",
         "| config | mode | step ms | tokens/s | vs eager | vs inductor | peak GB | first step s |",
         "|---|---|---|---|---|---|---|---|",
@@ -198,8 +210,13 @@ def main(argv=None) -> None:
         help="transformers experts_implementation (default: transformers' own, grouped_mm; on CPU in fp32 its "
         "fallback op's backward cannot be compiled by Dynamo, so the CPU smoke run uses eager)",
     )  # fmt: skip
+    parser.add_argument(
+        "--cudagraphs", action="store_true", help='compile with mode="reduce-overhead" (CUDA graphs; needs Inductor)'
+    )
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
+    if args.cudagraphs and args.compiler != "inductor":
+        parser.error("--cudagraphs compiles with Inductor's CUDA graphs: it needs --compiler inductor")
     args.tokens = args.tokens or (64 if args.tiny else 8192)
     args.vocab = args.vocab or (128 if args.tiny else 32000)
     device = torch.device(args.device)
@@ -208,7 +225,8 @@ def main(argv=None) -> None:
 
     data = {
         "environment": environment(device), "tokens": args.tokens, "layers": args.layers, "steps": args.steps,
-        "dtype": str(dtype).removeprefix("torch."), "tiny": args.tiny, "compiler": args.compiler, "rows": [],
+        "dtype": str(dtype).removeprefix("torch."), "tiny": args.tiny, "compiler": args.compiler,
+        "cudagraphs": args.cudagraphs, "rows": [],
         "command": " ".join(sys.argv),
     }  # fmt: skip
     for name in args.configs.split(","):
