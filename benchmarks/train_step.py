@@ -78,13 +78,11 @@ def run_mode(name, mode, sizes, args, device, dtype) -> dict:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation=args.experts).train()
     experts_impl = model.config._experts_implementation
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda", foreach=None if device.type == "cuda" else True)
+    cudagraphs = {"mode": "reduce-overhead"} if args.cudagraphs else {}  # (main: only with Inductor)
     if mode == "eager":
         fwd = model
     elif mode == "inductor":
-        if args.cudagraphs:
-            fwd = torch.compile(model, mode="reduce-overhead")
-        else:
-            fwd = torch.compile(model) if args.compiler == "inductor" else torch.compile(model, backend=args.compiler)
+        fwd = torch.compile(model, backend=args.compiler, **cudagraphs)
     else:
         import prmc
 
@@ -95,10 +93,8 @@ def run_mode(name, mode, sizes, args, device, dtype) -> dict:
             # Run from a checkout without installing: register what the package's torch_dynamo_backends
             # entry point (pyproject.toml) registers when it is installed.
             torch._dynamo.register_backend(prmc.backend, name="prmc")
-        if args.cudagraphs:  # (torch.compile takes mode or options; the compiler is Inductor either way)
-            fwd = torch.compile(model, backend="prmc", mode="reduce-overhead")
-        else:
-            fwd = torch.compile(model, backend="prmc", options={"compiler": args.compiler})
+        # (torch.compile takes mode or options; with a mode the compiler is Inductor, prmc's default)
+        fwd = torch.compile(model, backend="prmc", **(cudagraphs or {"options": {"compiler": args.compiler}}))
     batch = 4 if args.tokens >= 4 * 16 else 1
     ids = torch.randint(0, args.vocab, (batch, args.tokens // batch), device=device)
 

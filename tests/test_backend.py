@@ -258,12 +258,23 @@ def test_unprovable_block_is_left_alone_and_reported():
     assert "matches no gate/up/down reading" in report.refused[0].reason
 
 
-def test_model_without_moe_compiles_as_inductor_would(monkeypatch):
+def _spy_compile_fx(monkeypatch) -> list:
+    """Every call of Inductor's compile_fx from now on, as (the graph's code, the keyword arguments); each still
+    compiles. (compile_fx given config_patches calls itself again, under them, without them.)"""
     import torch._inductor.compile_fx as cfx
 
-    handed = []
-    real = cfx.compile_fx
-    monkeypatch.setattr(cfx, "compile_fx", lambda gm, inputs, **kw: handed.append(gm.code) or real(gm, inputs, **kw))
+    calls, real = [], cfx.compile_fx
+
+    def spy(gm, inputs, **kw):
+        calls.append((gm.code, kw))
+        return real(gm, inputs, **kw)
+
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+    return calls
+
+
+def test_model_without_moe_compiles_as_inductor_would(monkeypatch):
+    calls = _spy_compile_fx(monkeypatch)
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
     dynamo_code = []
 
@@ -276,7 +287,7 @@ def test_model_without_moe_compiles_as_inductor_would(monkeypatch):
     torch._dynamo.reset()
     out = torch.compile(model, backend="prmc")(x)
     torch.testing.assert_close(out, model(x))
-    assert handed == dynamo_code
+    assert [code for code, _ in calls] == dynamo_code
     assert not prmc.last_report().blocks
 
 
@@ -286,13 +297,9 @@ def test_model_without_moe_compiles_as_inductor_would(monkeypatch):
 def test_mode_goes_to_inductor(monkeypatch):
     """torch.compile's mode reaches Inductor as its config (reduce-overhead: CUDA graphs, which Inductor leaves out
     on CPU), and the rewritten block still trains like eager."""
-    import torch._inductor.compile_fx as cfx
-
-    patches = []
-    real = cfx.compile_fx
-    # (compile_fx calls itself again, under the patches, without them)
-    monkeypatch.setattr(cfx, "compile_fx", lambda gm, inputs, **kw: patches.append(kw.get("config_patches")) or real(gm, inputs, **kw))
+    calls = _spy_compile_fx(monkeypatch)
     _check_block("mixtral-grouped_mm", None, seed=4, mode="reduce-overhead")
+    patches = [kw.get("config_patches") for _, kw in calls]
     assert patches[0] is not None and patches[0].get("triton.cudagraphs") is True, patches
 
 
