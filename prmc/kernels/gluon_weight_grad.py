@@ -234,12 +234,14 @@ if gluon is not None:
 
         t, e, off_p, off_q, begin, end = _next_tile(pid, programs, total, tiles_per_expert, num_q, offsets_ptr, E, BP,
                                                     BQ, GROUP)  # fmt: skip
-        # Gathered, each k-step's source rows are looked up one load ahead (the lookup's latency is then hidden,
-        # except at a tile's first k-step).
+        # Gathered, each k-step's source rows are looked up two loads ahead: l_index holds the next load's, l_after
+        # the one after it. Looked up one load ahead, a lookup outlasted the k-step meant to hide it (ncu, H200: 18%
+        # of the warps' stall samples at its first use); two ahead ran 0-3% faster (benchmarks/KERNELS_NOTES.md v19).
         l_index = _row_starts(rows_ptr, begin, M, stride_l, BK, GATHER, l_layout)
         _load(l_desc, r_desc, bars, l_bufs, r_bufs, 0, begin, off_p, off_q, t < total, l_ptr, l_index, STAGES, GATHER,
               l_layout)  # fmt: skip
         l_index = _row_starts(rows_ptr, begin + BK, M, stride_l, BK, GATHER, l_layout)
+        l_after = _row_starts(rows_ptr, begin + 2 * BK, M, stride_l, BK, GATHER, l_layout)
         produced = 1
         consumed = 0
         acc = gl.zeros((BP, BQ), dtype=gl.float32, layout=acc_layout)
@@ -255,7 +257,8 @@ if gluon is not None:
                 _free(GATHER)
                 _load(l_desc, r_desc, bars, l_bufs, r_bufs, produced, begin + (k + 1) * BK, off_p, off_q, True, l_ptr,
                       l_index, STAGES, GATHER, l_layout)  # fmt: skip
-                l_index = _row_starts(rows_ptr, begin + (k + 2) * BK, M, stride_l, BK, GATHER, l_layout)
+                l_index = l_after
+                l_after = _row_starts(rows_ptr, begin + (k + 3) * BK, M, stride_l, BK, GATHER, l_layout)
                 produced += 1
                 _landed(GATHER, 1)
                 acc = _mma(l_bufs, r_bufs, bars, acc, consumed, k > 0, STAGES)
@@ -265,6 +268,7 @@ if gluon is not None:
             _load(l_desc, r_desc, bars, l_bufs, r_bufs, produced, n_begin, n_off_p, n_off_q, n_t < total, l_ptr,
                   n_index, STAGES, GATHER, l_layout)  # fmt: skip
             l_index = _row_starts(rows_ptr, n_begin + BK, M, stride_l, BK, GATHER, l_layout)
+            l_after = _row_starts(rows_ptr, n_begin + 2 * BK, M, stride_l, BK, GATHER, l_layout)
             produced += 1
             _landed(GATHER, 1)
             acc = _mma_last(l_bufs, r_bufs, bars, acc, consumed, kt > 1, end - begin - (kt - 1) * BK, STAGES)
