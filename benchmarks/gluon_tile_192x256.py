@@ -27,6 +27,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 
 import torch
 import triton
@@ -181,11 +182,11 @@ def compile_only() -> None:
     except AttributeError:  # the stand-in has no launcher: compiled, not launched
         pass
     (kernel,) = tile_192x256_kernel.device_caches[0][0].values()
-    path = "/tmp/tile_192x256.cubin"
-    with open(path, "wb") as f:
-        f.write(kernel.asm["cubin"])
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    usage = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True, text=True).stdout
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     print(f"compiled for sm_90a: {kernel.metadata.shared} B shared;", usage.strip().splitlines()[-1].strip())
 
 
