@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from prmc.kernels import reference
-from prmc.kernels.check import Case, check_case
+from prmc.kernels.check import Case, check_case, compile_for_hopper
 
 pytest.importorskip("triton")
 
@@ -148,30 +148,6 @@ def test_gluon_weight_grad_gathers_only_its_l_tile(monkeypatch):
     assert not wg.takes(src, right, shape, rows[:-1])  # one index per row of right
 
 
-def _compile_for_hopper(kernel, signature: dict, constants: dict):
-    """A Gluon kernel compiled for sm90a with the installed Triton (Gluon has no interpreter, so its numbers are
-    checked on the GPU: benchmarks/check_kernels_gpu.py). ``signature``: its arguments' types, where a tensor
-    descriptor is given by (dtype, block). Pointers and strides are taken 16-aligned, as the launcher's
-    specialization finds them at the model's sizes (the cp.async gathers need 16-byte source rows)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    from prmc.kernels import gluon_gemm as gg
-
-    def descriptor(dtype, block):
-        layout = gg.gl.NVMMASharedLayout.get_default_for(block, getattr(gg.gl, {"bf16": "bfloat16", "fp16": "float16"}[dtype]))
-        return f"tensordesc<{dtype}[{block[0]}, {block[1]}],{layout!r}>"
-
-    signature = {name: descriptor(*kind) if isinstance(kind, tuple) else kind for name, kind in signature.items()}
-    aligned = {
-        (kernel.arg_names.index(name),): [["tt.divisibility", 16]]
-        for name, kind in signature.items() if kind.startswith("*") or name.startswith("stride")
-    }  # fmt: skip
-    source = GluonASTSource(kernel, {**signature, **{name: "constexpr" for name in constants}}, constants, aligned)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 128), options=dict(num_warps=constants["num_warps"]))
-
-
 @pytest.mark.parametrize(
     "k_contig, gated, activation, gather",
     [(k_contig, gated, "silu", False) for k_contig in (True, False) for gated in (False, True)]
@@ -196,7 +172,7 @@ def test_gluon_gemm_compiles_for_hopper(k_contig, gated, activation, gather):
         a_ptr="*bf16", stride_am="i32", a_rows_ptr="*i64", c_ptr="*bf16", stride_cm="i32", h_ptr="*bf16",
         stride_hm="i32", offsets_ptr="*i32", M="i32", N="i32", K="i32", E="i32",
     )  # fmt: skip
-    kernel = _compile_for_hopper(gg.grouped_gemm_kernel, signature, constants)
+    kernel = compile_for_hopper(gg.grouped_gemm_kernel, signature, constants)
     ptx = kernel.asm["ptx"]
     assert "cp.async.bulk.tensor" in ptx and "wgmma.mma_async.sync.aligned.m64n256k16" in ptx  # gated: both halves
     assert ("cp.async.cg.shared.global" in ptx and "cp.async.wait_group" in ptx) == gather
@@ -223,7 +199,7 @@ def test_gluon_weight_grad_compiles_for_hopper(dtype, transposed, gather):
         offsets_ptr="*i32", l_ptr=f"*{dtype}", stride_l="i32", rows_ptr="*i64", M="i32", P="i32", Q="i32", E="i32",
     )  # fmt: skip
     constants = dict(TRANSPOSED=transposed, GATHER=gather, STAGES=wg.STAGES, GROUP=wg.GROUP, num_warps=wg.NUM_WARPS)
-    kernel = _compile_for_hopper(wg.weight_grad_kernel, signature, constants)
+    kernel = compile_for_hopper(wg.weight_grad_kernel, signature, constants)
     ptx = kernel.asm["ptx"]
     assert "cp.async.bulk.tensor" in ptx and "ldmatrix.sync.aligned.m8n8.x4.trans" in ptx
     assert ("cp.async.cg.shared.global" in ptx and "cp.async.wait_group" in ptx) == gather

@@ -1,5 +1,6 @@
 """Checks of the Triton launchers against :mod:`prmc.kernels.reference`, shared by the CPU interpreter
-tests (``tests/test_kernels.py``) and the full-size GPU check (``benchmarks/check_kernels_gpu.py``).
+tests (``tests/test_kernels.py``) and the full-size GPU check (``benchmarks/check_kernels_gpu.py``); and
+``compile_for_hopper``, which builds a Gluon kernel for sm90a on a machine without a GPU.
 
 Every check draws fresh random inputs (never zeros) and compares each output of each op, forward and
 backward, with the reference computed in float64: ``|out - ref| / |ref|`` over the whole tensor.
@@ -126,3 +127,30 @@ def check_case(case: Case, device) -> dict[str, float]:
 def tolerance(dtype: torch.dtype) -> float:
     """fp32 products are exact (ieee), so only summation order differs; bf16/fp16 round operands."""
     return 1e-5 if dtype == torch.float32 else 1.5e-2
+
+
+def compile_for_hopper(kernel, signature: dict, constants: dict, **options):
+    """A Gluon kernel compiled for sm90a with the installed Triton, on any machine (no GPU needed): Gluon has no
+    interpreter, so the tests check what it compiles to and benchmarks/check_kernels_gpu.py its numbers on the GPU.
+    ``signature``: its arguments' types, where a tensor descriptor is given by (dtype, block); ``constants``: its
+    constexpr arguments; ``options``: the compiler's (``num_warps`` defaults to the constant of that name). Pointers
+    and strides are taken 16-aligned, as the launcher's specialization finds them at the model's sizes (the cp.async
+    gathers need 16-byte source rows)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from prmc.kernels.gluon_gemm import gl
+
+    def descriptor(dtype, block):
+        layout = gl.NVMMASharedLayout.get_default_for(block, getattr(gl, {"bf16": "bfloat16", "fp16": "float16"}[dtype]))
+        return f"tensordesc<{dtype}[{block[0]}, {block[1]}],{layout!r}>"
+
+    signature = {name: descriptor(*kind) if isinstance(kind, tuple) else kind for name, kind in signature.items()}
+    aligned = {
+        (kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+        for name, kind in signature.items() if kind.startswith("*") or name.startswith("stride")
+    }  # fmt: skip
+    source = GluonASTSource(kernel, {**signature, **{name: "constexpr" for name in constants}}, constants, aligned)
+    options.setdefault("num_warps", constants.get("num_warps", 4))
+    return triton.compile(source, target=GPUTarget("cuda", 90, 128), options=options)
