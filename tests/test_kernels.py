@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from prmc.kernels import reference
-from prmc.kernels.check import Case, check_case, compile_for_hopper
+from prmc.kernels.check import Case, accumulator_reads_in_flight, check_case, compile_for_hopper, cuobjdump
 
 pytest.importorskip("triton")
 
@@ -148,32 +148,54 @@ def test_gluon_weight_grad_gathers_only_its_l_tile(monkeypatch):
     assert not wg.takes(src, right, shape, rows[:-1])  # one index per row of right
 
 
+def test_accumulator_reads_in_flight_finds_a_read_before_the_wait():
+    """The SASS check behind the compile tests: an accumulator register (R24.. of a 64 x 256 HGMMA: 128 of them)
+    read between the HGMMA and the wait that retires it is found, also with a second HGMMA group pending; other
+    registers, reads after the wait, and reads in a new warp-specialized partition are not."""
+    hgmma = "HGMMA.64x256x16.F32 R24, gdesc[UR16], R24, gsb0 ;"
+
+    def sass(*instructions):
+        return "\n".join(f"        /*{16 * i:04x}*/                   {ins}" for i, ins in enumerate(instructions))
+
+    read, other = "F2FP.F16.F32.PACK_AB R0, R86, R87 ;", "F2FP.F16.F32.PACK_AB R0, R152, R153 ;"
+    wait0, wait1 = "WARPGROUP.DEPBAR.LE gsb0, 0x0 ;", "WARPGROUP.DEPBAR.LE gsb0, 0x1 ;"
+    assert accumulator_reads_in_flight(sass(hgmma, wait1, read, wait0)) == ["F2FP.F16.F32.PACK_AB R0, R86, R87"]
+    assert accumulator_reads_in_flight(sass(hgmma, hgmma, wait1, read)) == ["F2FP.F16.F32.PACK_AB R0, R86, R87"]
+    assert accumulator_reads_in_flight(sass(hgmma, other, wait0, read)) == []
+    assert accumulator_reads_in_flight(sass(hgmma, wait1, "USETMAXREG.DEALLOC.CTAPOOL 0x78 ;", read)) == []
+
+
 @pytest.mark.parametrize(
-    "k_contig, gated, activation, gather",
-    [(k_contig, gated, "silu", False) for k_contig in (True, False) for gated in (False, True)]
-    + [(True, True, activation, False) for activation in ("gelu", "gelu_tanh", "relu")]
-    + [(False, False, "silu", True), (True, True, "silu", True)],  # grad_h and the gate_up forward, gathered
-)
-def test_gluon_gemm_compiles_for_hopper(k_contig, gated, activation, gather):
+    "dtype, k_contig, gated, activation, gather",
+    [("bf16", k_contig, gated, "silu", False) for k_contig in (True, False) for gated in (False, True)]
+    + [("bf16", True, True, activation, False) for activation in ("gelu", "gelu_tanh", "relu")]
+    + [("bf16", False, False, "silu", True), ("bf16", True, True, "silu", True)]  # grad_h, gate_up fwd: gathered
+    + [("fp16", True, True, "silu", False), ("fp16", True, True, "silu", True), ("fp16", False, True, "relu", False)],
+)  # fmt: skip
+def test_gluon_gemm_compiles_for_hopper(dtype, k_contig, gated, activation, gather):
     """The Gluon row-grouped kernel as the store product and as the gated one (every activation), reading A through
     TMA or gathering its rows: a Gluon API change fails in CI, not on a user's GPU. Its PTX must hold the TMA copies
     (gathered: 16-byte cp.async copies, waited for before the wgmma) and 256-wide wgmma products (gated: the gate
-    and up tiles in one), and its shared memory must fit a Hopper multiprocessor."""
+    and up tiles in one), its three warpgroups must meet only among themselves (128-thread named barriers: between
+    them only mbarriers), its shared memory must fit a Hopper multiprocessor, and its SASS must never touch an
+    accumulator while a wgmma may still write it (ptxas once hoisted the fp16 gated epilogue's reads: v20)."""
     from prmc.kernels import gluon_gemm as gg
 
     if gg.gluon is None:
         pytest.skip("this Triton has no Gluon")
     block_n = gg.BLOCK_N[gated]
     b_block = [block_n, gg.BLOCK_K] if k_contig else [gg.BLOCK_K, block_n]
-    constants = dict(K_CONTIG=k_contig, GATED=gated, ACTIVATION=activation, GATHER=gather, STAGES=gg.STAGES, GROUP=gg.GROUP, num_warps=gg.NUM_WARPS)
-    c_block = ("bf16", [gg.BLOCK_M, block_n])
+    constants = dict(K_CONTIG=k_contig, GATED=gated, ACTIVATION=activation, GATHER=gather, STAGES=gg.STAGES, GROUP=gg.GROUP, REGISTERS=gg.REGISTERS)
+    c_block = (dtype, [gg.SUB_M, gg.PIECE])
     signature = dict(
-        a_desc=("bf16", [gg.BLOCK_M, gg.BLOCK_K]), b_desc=("bf16", b_block), c_desc=c_block, h_desc=c_block,
-        a_ptr="*bf16", stride_am="i32", a_rows_ptr="*i64", c_ptr="*bf16", stride_cm="i32", h_ptr="*bf16",
+        a_desc=(dtype, [gg.SUB_M, gg.BLOCK_K]), b_desc=(dtype, b_block), c_desc=c_block, h_desc=c_block,
+        a_ptr=f"*{dtype}", stride_am="i32", a_rows_ptr="*i64", c_ptr=f"*{dtype}", stride_cm="i32", h_ptr=f"*{dtype}",
         stride_hm="i32", offsets_ptr="*i32", M="i32", N="i32", K="i32", E="i32",
     )  # fmt: skip
-    kernel = compile_for_hopper(gg.grouped_gemm_kernel, signature, constants)
+    kernel = compile_for_hopper(gg.grouped_gemm_kernel, signature, constants, maxnreg=gg.REGISTERS)
+    assert accumulator_reads_in_flight(cuobjdump(kernel, "-sass")) == []
     ptx = kernel.asm["ptx"]
+    assert set(re.findall(r"bar\.sync\s+\w+, (\w+);", ptx)) == {"128"}
     assert "cp.async.bulk.tensor" in ptx and "wgmma.mma_async.sync.aligned.m64n256k16" in ptx  # gated: both halves
     assert ("cp.async.cg.shared.global" in ptx and "cp.async.wait_group" in ptx) == gather
     if gather:  # 16 bytes per copy
@@ -188,7 +210,7 @@ def test_gluon_weight_grad_compiles_for_hopper(dtype, transposed, gather):
     """The Gluon K-grouped weight-gradient kernel, as above (also with its tiles over the transposed product, and
     with L's rows gathered): TMA copies (gathered, 16-byte cp.async copies of L), 256-wide wgmma products with the L
     tile transposed, the last k-step's L tile read into registers transposed (``ldmatrix .trans``) to zero the next
-    group's rows, and shared memory that fits."""
+    group's rows, shared memory that fits, and no accumulator touched while a wgmma may write it."""
     from prmc.kernels import gluon_weight_grad as wg
 
     if wg.gluon is None:
@@ -200,6 +222,7 @@ def test_gluon_weight_grad_compiles_for_hopper(dtype, transposed, gather):
     )  # fmt: skip
     constants = dict(TRANSPOSED=transposed, GATHER=gather, STAGES=wg.STAGES, GROUP=wg.GROUP, num_warps=wg.NUM_WARPS)
     kernel = compile_for_hopper(wg.weight_grad_kernel, signature, constants)
+    assert accumulator_reads_in_flight(cuobjdump(kernel, "-sass")) == []
     ptx = kernel.asm["ptx"]
     assert "cp.async.bulk.tensor" in ptx and "ldmatrix.sync.aligned.m8n8.x4.trans" in ptx
     assert ("cp.async.cg.shared.global" in ptx and "cp.async.wait_group" in ptx) == gather

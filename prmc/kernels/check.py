@@ -154,3 +154,51 @@ def compile_for_hopper(kernel, signature: dict, constants: dict, **options):
     source = GluonASTSource(kernel, {**signature, **{name: "constexpr" for name in constants}}, constants, aligned)
     options.setdefault("num_warps", constants.get("num_warps", 4))
     return triton.compile(source, target=GPUTarget("cuda", 90, 128), options=options)
+
+
+def cuobjdump(kernel, flag: str) -> str:
+    """Triton's bundled ``cuobjdump <flag>`` (``-sass``, ``--dump-resource-usage``) on a compiled kernel's cubin."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def accumulator_reads_in_flight(sass: str) -> list[str]:
+    """The instructions of ``sass`` (``cuobjdump -sass``) that touch a wgmma accumulator register while a wgmma
+    (HGMMA) writing it may still be in flight, which reads or clobbers partial sums; [] when there are none.
+
+    In program order: an HGMMA's accumulator (its first operand, N / 2 fp32 registers per thread of a 64 x N
+    product) is in flight until a ``WARPGROUP.DEPBAR.LE gsb0, n`` leaves no HGMMA group pending; warp-specialized
+    partitions (``SETMAXREG``) and ``EXIT`` start afresh. Branches are not followed, so a read reached only by a
+    jump is not seen: a check of what ptxas scheduled, not a proof."""
+    import re
+
+    pending, in_flight, found = 0, set(), []
+    for line in sass.splitlines():
+        match = re.match(r"\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;", line)
+        if not match:
+            continue
+        instruction = match.group(1)
+        hgmma = re.search(r"HGMMA\.64x(\d+)x\d+\.F32\S*\s+R(\d+),", instruction)
+        if hgmma:
+            base = int(hgmma.group(2))
+            in_flight |= set(range(base, base + int(hgmma.group(1)) // 2))
+            pending += "gsb0" in instruction
+            continue
+        wait = re.search(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x(\d+)", instruction)
+        if wait:
+            pending = min(pending, int(wait.group(1)))
+            in_flight = in_flight if pending else set()
+        elif "SETMAXREG" in instruction or instruction.startswith("EXIT"):
+            pending, in_flight = 0, set()
+        elif in_flight and {int(r) for r in re.findall(r"\bR(\d+)\b", instruction)} & in_flight:
+            found.append(instruction)
+    return found

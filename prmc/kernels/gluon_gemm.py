@@ -1,51 +1,50 @@
-"""Row-grouped GEMM in Gluon for Hopper: ``C[r] = A[r] @ B[e(r)]``, pipelined across tiles.
+"""Row-grouped GEMM in Gluon for Hopper: ``C[r] = A[r] @ B[e(r)]``, warp-specialized, pipelined across tiles.
 
 The story
 ---------
 The layer's per-row products (down forward, down grad_h, gate_up grad_x: the "store" epilogue of
-:mod:`prmc.kernels.grouped_gemm`; and the gated gate_up forward) run one kernel. Triton pipelines the k-loop of
-one tile at a time: each tile starts with its pipeline empty and ends with the tensor cores idle while the
-accumulator is stored. At the fine-grained layers' sizes a tile is only 12-32 k-steps (K = 768-2048), so those
-bubbles are a large share.
+:mod:`prmc.kernels.grouped_gemm`; and the gated gate_up forward) run one kernel. Hardware counters (v19) put these
+products at the rate L2 feeds the multiprocessors: a 128 x 256 tile brings 48 KB per 64-deep k-step for 4.2 MFLOP.
+A 192 x 256 tile brings 56 KB for 6.3 MFLOP (112 FLOP per byte against 85). Its fp32 accumulator takes three
+warpgroups of 64 rows (128 registers per thread each); Triton's ``num_warps`` is a power of two, so the three are the
+partitions of ``gl.warp_specialize``: the default one and two 4-warp workers, 168 registers each (the register file
+split three ways).
 
-Gluon (``triton.experimental.gluon``) writes the pipeline by hand. Each program (one per multiprocessor) walks
-its tiles of all groups; the TMA loads run STAGES-2 k-steps ahead of the ``wgmma``, and the last k-steps of a
-tile issue the *next* tile's first loads, so that they are in flight during this tile's epilogue. The inner
-k-loop has no branches (the next tile's coordinates are worked out once per tile: per-k-step bookkeeping cost
-10-18% in a flat loop over all k-steps). A tile that lies within its group leaves through a TMA store whose wait
-is deferred to the next tile's epilogue; a tile reaching past its group's end stores with a masked store (a TMA
-store would write the next group's rows).
+Each program (one per multiprocessor) walks its tiles of all groups. A k-step's A (three 64 x 64 TMA boxes, one per
+warpgroup) and B (256 x 64) land in one of three stages behind ``ready`` / ``empty`` mbarriers: every warpgroup waits
+for ``ready``, runs its 64 rows against the shared B tile, and releases the stage of the step before (``empty``
+counts three arrivals). Warpgroup 0 also issues the loads, two k-steps ahead of its wgmma and across tiles, so the
+next tile's first loads are in flight during a tile's epilogue. The inner k-loop has no branches (the next tile's
+coordinates are worked out once per tile). Each warpgroup stores its 64 rows in 64 x 128 pieces through its own
+buffer: by TMA where they lie within the group, by a masked store where they reach past its end (a TMA store would
+write the next group's rows).
 
-Gated (SwiGLU and friends, the weight's gate rows first, then its up rows): a tile is 128 columns of the gate
-half and the same 128 of the up half, loaded into the two halves of one B buffer, so one 128 x 256 ``wgmma``
-covers both (two 128 x 128 accumulators ran no faster than the Triton kernel: 255 registers, and A read from
-shared memory twice). Each thread holds column j of both halves, so the epilogue splits the accumulator without
+Gated (SwiGLU and friends, the weight's gate rows first, then its up rows): a tile is 128 columns of the gate half
+and the same 128 of the up half, loaded into the two halves of one B buffer, so one 64 x 256 ``wgmma`` per
+warpgroup covers both. Each thread holds column j of both halves, so the epilogue splits the accumulator without
 moving data and writes preact (both halves, rounded to the output dtype) and ``h = act(gate) * up``.
 
 Gathered rows (``a_rows``: the routed rows of the gate_up forward and of the down grad_h, ``x[rows]`` and
-``grad_out[rows]``): TMA has no row gather on Hopper, so every thread copies its share of a k-step's A tile, 16
-bytes per copy, by cp.async from the rows that ``a_rows`` names (looked up once per tile). The copies of the next
-k-step go out before this one's are waited for, as the TMA loads do; the CTA meets twice per k-step, once so that
-no copy overwrites a stage the other warpgroup's wgmma still reads, once so that both warpgroups' wgmma see every
-thread's copies. No gathered copy of A is written, nor read back.
+``grad_out[rows]``): TMA has no row gather on Hopper, so each warpgroup copies its own 64 rows of a k-step's A tile
+(only it reads them), 16 bytes per copy, by cp.async from the rows that ``a_rows`` names (looked up once per tile);
+the copies run two k-steps ahead as the TMA loads do, and the warpgroup meets (a 128-thread barrier) once its copies
+have landed and once before it overwrites a stage. No gathered copy of A is written, nor read back.
 
-Measured against the Triton kernel on the same operands (H200, bf16, 8192 tokens, benchmarks/KERNELS_NOTES.md
-v10-v11): the store products 4-9% faster on the fine-grained layers, level on Mixtral's; the gated forward 1-2%
-faster on the fine-grained layers, 2-7% on Mixtral's. Gathering (v14, results/gluon_gather_probe_v14.log): the
-gated forward 2-4% slower than on gather_rows' copy, which is 0.05-0.07 ms less than the copy takes on the
-fine-grained layers (not on Mixtral's: triton_moe.MAX_GATHERED_COLUMNS); grad_h 4-6% faster than on the copy, the
-copy aside.
+Measured against the 128 x 256 kernel it replaced (H200, bf16, 8192 tokens, Triton 3.6; benchmarks/KERNELS_NOTES.md
+v20, results/gluon_ab_v20.log; bitwise-equal outputs): Qwen3's four products 7-8% faster; DeepSeek-V2-Lite's 3.5%
+and Mixtral's 1.7% faster in sum; OLMoE level (~1024 rows per expert leave its last 192-row tile a third full); the
+skewed Qwen3 1% slower. Dense, the tile ran 11-15% faster than the 128 x 256 one and 3-7% faster than cuBLAS on the
+layers' shapes (results/gluon_tile_192x256_v20.log).
 
 Where it runs (``weight_operand``): CUDA sm90 (``wgmma`` is sm90a's), bf16/fp16, A and C (and h) read and
-written through TMA (gathered: A's rows 16-byte aligned, K whole k-steps), and B laid out so that a 2-D view
-``[E * N, K]`` (K contiguous) or ``[E * K, N]`` (N contiguous) never lets a tile reach into the next expert's
-matrix (nor a gate tile into the up half): N a multiple of the 256-wide tile (of 128 per half when gated) in the
-first case, K a multiple of the 64-deep step in the second (and, gated, each half a multiple of 128). Elsewhere
-the Triton kernel runs. One tile shape per epilogue (128 x 256 x 64, 3 stages, 8 warps: the fastest of the five
-measured on all six store products), so no autotuning.
+written through TMA (gathered: A's rows 16-byte aligned, K whole k-steps), at least two k-steps, and B laid out so
+that a 2-D view ``[E * N, K]`` (K contiguous) or ``[E * K, N]`` (N contiguous) never lets a tile reach into the next
+expert's matrix (nor a gate tile into the up half): N a multiple of the 256-wide tile (of 128 per half when gated)
+in the first case, K a multiple of the 64-deep step in the second (and, gated, each half a multiple of 128).
+Elsewhere the Triton kernel runs. One tile shape, so no autotuning.
 
-Rows at and past ``offsets[-1]`` belong to no expert; a last pass of the same launch zeroes them (the reference
-leaves them zero).
+Rows at and past ``offsets[-1]`` belong to no expert; the default warpgroup zeroes them after the tiles (the
+reference leaves them zero).
 """
 
 from __future__ import annotations
@@ -70,7 +69,9 @@ try:
 except ImportError:  # a Triton without Gluon: the Triton kernel runs everywhere
     gluon = None
 
-BLOCK_M, BLOCK_K, STAGES, NUM_WARPS, GROUP = 128, 64, 3, 8, 8
+# A tile is three warpgroups of SUB_M rows (192); it leaves in SUB_M x PIECE pieces. REGISTERS: each warpgroup's
+# registers per thread (the register file split three ways).
+SUB_M, BLOCK_K, STAGES, GROUP, PIECE, REGISTERS = 64, 64, 3, 8, 128, 168
 # Output columns per tile: 256, or 128 of each half when gated (the accumulator is 256 wide either way).
 BLOCK_N = {False: 256, True: 128}
 
@@ -87,7 +88,7 @@ def weight_operand(
     if not (a.dtype == b.dtype == c.dtype and a.dtype in (torch.bfloat16, torch.float16)):
         return None
     e, k, n = b.shape
-    if k < (STAGES - 2) * BLOCK_K or c.shape[1] != n or not (tma_reads(a) and tma_reads(c)):
+    if triton.cdiv(k, BLOCK_K) < STAGES - 1 or c.shape[1] != n or not (tma_reads(a) and tma_reads(c)):
         return None  # (the prologue's loads must fit in one tile's k-steps)
     if a_rows is not None and not (
         a_rows.shape == (c.shape[0],) and a_rows.dtype in (torch.int32, torch.int64) and a_rows.stride(0) == 1
@@ -149,6 +150,27 @@ if gluon is not None:
         return e, first, row_begin, row_end, group_tiles, off_m, pid_n, b_row
 
     @gluon.jit
+    def _row_starts(rows_ptr, first, limit, stride, COUNT: gl.constexpr, GATHER: gl.constexpr, layout: gl.constexpr):
+        """Gathered, where the source rows of the gathered rows ``first .. first + COUNT`` start:
+        ``rows[r] * stride``, in ``SliceLayout(1, layout)``; rows at and past ``limit`` (the row kernel: their group's
+        end; the weight gradient: M) read the source's first row, which no output takes. Else nothing (0). The
+        launchers guarantee 16-byte rows (TMA's alignment), which cp.async needs to copy 16 bytes at a time."""
+        if GATHER:
+            r = first + gl.arange(0, COUNT, layout=gl.SliceLayout(1, layout))
+            return gl.multiple_of(gl.load(rows_ptr + r, mask=r < limit, other=0).to(gl.int64) * stride, 8)
+        else:
+            return 0
+
+    @gluon.jit
+    def _copy_rows(buf, src_ptr, starts, col, layout: gl.constexpr):
+        """cp.async of the source rows at ``starts`` (``_row_starts``), columns ``col ..`` (as many as ``buf`` has),
+        into ``buf``: each thread copies its 16-byte pieces of ``layout``; TMA has no row gather on Hopper. Visible to
+        the wgmma once every copying thread has waited for its copies and they have met (``fence_async_shared``
+        before)."""
+        cols = col + gl.arange(0, buf.shape[1], layout=gl.SliceLayout(0, layout))
+        _async_load(buf, src_ptr + starts[:, None] + cols[None, :])
+
+    @gluon.jit
     def _load_weight(b_desc, bar, buf, b_row, n, k, pred, K_CONTIG: gl.constexpr, BK: gl.constexpr):
         """B's tile at columns ``n`` of the product, k-step ``k``, from either storage order."""
         if K_CONTIG:
@@ -157,239 +179,245 @@ if gluon is not None:
             _tma_load(b_desc, [b_row + k * BK, n], bar, buf, pred)
 
     @gluon.jit
-    def _row_starts(rows_ptr, first, M, stride, COUNT: gl.constexpr, GATHER: gl.constexpr, layout: gl.constexpr):
-        """Gathered, where the source rows of the gathered rows ``first .. first + COUNT`` start: ``rows[r] * stride``
-        (rows past M read the source's first row: no output takes them), in ``SliceLayout(1, layout)``, the rows of
-        the tile ``_copy_rows`` copies; else nothing (0). The launchers guarantee 16-byte rows (TMA's alignment),
-        which cp.async needs to copy 16 bytes at a time."""
-        if GATHER:
-            r = first + gl.arange(0, COUNT, layout=gl.SliceLayout(1, layout))
-            return gl.multiple_of(gl.load(rows_ptr + r, mask=r < M, other=0).to(gl.int64) * stride, 8)
-        else:
-            return 0
-
-    @gluon.jit
-    def _copy_rows(buf, src_ptr, starts, col, layout: gl.constexpr):
-        """cp.async of the source rows at ``starts`` (``_row_starts``), columns ``col ..`` (as many as ``buf`` has),
-        into ``buf``: each thread copies its 16-byte pieces of ``layout``; TMA has no row gather on Hopper. Visible to
-        the wgmma once every thread has waited for its copies and the CTA has met (``fence_async_shared`` before)."""
-        cols = col + gl.arange(0, buf.shape[1], layout=gl.SliceLayout(0, layout))
-        _async_load(buf, src_ptr + starts[:, None] + cols[None, :])
-
-    @gluon.jit
-    def _free(GATHER: gl.constexpr):
-        """Gathered: the CTA meets before a k-step's copies, so that both warpgroups are done with the wgmma that last
-        read the stage they overwrite (each thread's copies cover parts of the tile that both warpgroups read)."""
-        if GATHER:
-            _cta_barrier()
-
-    @gluon.jit
-    def _landed(GATHER: gl.constexpr, AHEAD: gl.constexpr):
-        """Gathered: every thread's copies of the step about to be consumed have landed (those of the ``AHEAD`` steps
-        loaded after it may be in flight) and the CTA has met, so both warpgroups' wgmma see them."""
-        if GATHER:
-            async_copy.wait_group(AHEAD)
-            fence_async_shared()
-            _cta_barrier()
-
-    @gluon.jit
-    def _load(a_desc, b_desc, bars, a_bufs, b_bufs, produced, off_m, b_row, off_n, N, k, pred, a_ptr, a_index,
-              STAGES: gl.constexpr, K_CONTIG: gl.constexpr, GATED: gl.constexpr, BK: gl.constexpr,
-              GATHER: gl.constexpr, gather_layout: gl.constexpr):  # fmt: skip
-        """k-step ``k``'s tiles into stage ``produced % STAGES``: A's and B's; gated, B's gate tile and its up tile
-        (N columns further on) into the two halves of the stage's B buffer, so that one wgmma covers both.
-        Gathered (``GATHER``), A's rows by cp.async (``a_index``: ``_row_starts``; one commit group per k-step)."""
+    def _fill(a_desc, b_desc, a_bufs, b_bufs, ready, empty, produced, off_m, b_row, off_n, N, k, pred, a_ptr, a_index,
+              WHICH: gl.constexpr, K_CONTIG: gl.constexpr, GATED: gl.constexpr, GATHER: gl.constexpr,
+              copy_layout: gl.constexpr):  # fmt: skip
+        """Step ``produced``'s tiles (k-step ``k`` of the tile at ``off_m``, ``off_n``) into stage
+        ``produced % STAGES``. The loading warpgroup (``WHICH`` 0) waits until all three have released the stage,
+        then loads B (gated: the gate tile and its up tile, N columns further on, into the two halves of the B
+        buffer, so one wgmma covers both) and, unless gathered, A's three 64-row boxes by TMA. Gathered, each
+        warpgroup copies its own 64 rows by cp.async (``a_index``: ``_row_starts``; one commit group per step): only
+        it reads them."""
+        SUB_M: gl.constexpr = a_desc.block_type.shape[0]
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        STAGES: gl.constexpr = ready.shape[0]
+        CONSUMERS: gl.constexpr = a_bufs.shape[0] // STAGES
         s = produced % STAGES
         if GATHER:
-            _copy_rows(a_bufs.index(s), a_ptr, a_index, k * BK, gather_layout)
+            _copy_rows(a_bufs.index(s * CONSUMERS + WHICH), a_ptr, a_index, k * BK, copy_layout)
             async_copy.commit_group()
-            mbarrier.expect(bars.index(s), b_desc.block_type.nbytes * (1 + GATED), pred=pred)
-        else:
-            mbarrier.expect(bars.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes * (1 + GATED), pred=pred)
-            _tma_load(a_desc, [off_m, k * BK], bars.index(s), a_bufs.index(s), pred)
-        if GATED:
-            BN: gl.constexpr = b_desc.block_type.shape[0 if K_CONTIG else 1]
-            dim: gl.constexpr = 0 if K_CONTIG else 1
-            _load_weight(b_desc, bars.index(s), b_bufs.index(s).slice(0, BN, dim), b_row, off_n, k, pred, K_CONTIG, BK)
-            _load_weight(b_desc, bars.index(s), b_bufs.index(s).slice(BN, BN, dim), b_row, N + off_n, k, pred,
-                         K_CONTIG, BK)  # fmt: skip
-        else:
-            _load_weight(b_desc, bars.index(s), b_bufs.index(s), b_row, off_n, k, pred, K_CONTIG, BK)
+        if WHICH == 0:
+            bar = ready.index(s)
+            mbarrier.wait(empty.index(s), ((produced // STAGES) & 1) ^ 1, pred=pred)
+            if GATHER:
+                mbarrier.expect(bar, b_desc.block_type.nbytes * (1 + GATED), pred=pred)
+            else:
+                mbarrier.expect(bar, CONSUMERS * a_desc.block_type.nbytes + b_desc.block_type.nbytes * (1 + GATED),
+                                pred=pred)  # fmt: skip
+                for r in gl.static_range(CONSUMERS):
+                    _tma_load(a_desc, [off_m + SUB_M * r, k * BK], bar, a_bufs.index(s * CONSUMERS + r), pred)
+            if GATED:
+                BN: gl.constexpr = b_desc.block_type.shape[0 if K_CONTIG else 1]
+                dim: gl.constexpr = 0 if K_CONTIG else 1
+                _load_weight(b_desc, bar, b_bufs.index(s).slice(0, BN, dim), b_row, off_n, k, pred, K_CONTIG, BK)
+                _load_weight(b_desc, bar, b_bufs.index(s).slice(BN, BN, dim), b_row, N + off_n, k, pred, K_CONTIG, BK)
+            else:
+                _load_weight(b_desc, bar, b_bufs.index(s), b_row, off_n, k, pred, K_CONTIG, BK)
 
     @gluon.jit
-    def _step(a_desc, b_desc, bars, a_bufs, b_bufs, produced, off_m, b_row, off_n, N, k, pred, a_ptr, a_index, acc,
-              consumed, use_acc, STAGES: gl.constexpr, K_CONTIG: gl.constexpr, GATED: gl.constexpr,
-              BK: gl.constexpr, GATHER: gl.constexpr, gather_layout: gl.constexpr):  # fmt: skip
-        """Load k-step ``k`` (of the tile at ``off_m``, ``off_n``) and run the wgmma of the step ``consumed``.
-        Gathered, the CTA meets before the copies and once the consumed step's have landed (``_free``, ``_landed``);
-        the copies of step ``k`` stay in flight meanwhile, as a TMA load would."""
-        _free(GATHER)
-        _load(a_desc, b_desc, bars, a_bufs, b_bufs, produced, off_m, b_row, off_n, N, k, pred, a_ptr, a_index, STAGES,
-              K_CONTIG, GATED, BK, GATHER, gather_layout)  # fmt: skip
-        _landed(GATHER, STAGES - 2)  # (the loads run STAGES - 2 steps ahead)
-        return _mma(a_bufs, b_bufs, bars, acc, consumed, use_acc, STAGES, K_CONTIG)
+    def _consume(a_bufs, b_bufs, ready, empty, acc, consumed, use_acc, WHICH: gl.constexpr, K_CONTIG: gl.constexpr,
+                 GATHER: gl.constexpr, DRAIN: gl.constexpr):  # fmt: skip
+        """This warpgroup's wgmma of step ``consumed`` once its tiles have landed (gathered: its own copies too, and
+        the warpgroup has met so every thread's are seen); returns with at most that wgmma in flight (none when
+        ``DRAIN``), having released the stage of the step before (``use_acc``: one was in this tile) and met again
+        (gathered) so that the copies about to overwrite that stage come after every warp's wgmma read it.
 
-    @gluon.jit
-    def _mma(a_bufs, b_bufs, bars, acc, consumed, use_acc, STAGES: gl.constexpr, K_CONTIG: gl.constexpr):
-        """One k-step once its tiles have landed; returns with at most this step's wgmma in flight, so the
-        buffer of the step before is free for the next load."""
+        NOTE: a tile's last step drains (``DRAIN``) right after its wgmma, not in the epilogue. Waited for later, with
+        the next tile's loads issued in between, ptxas (Triton 3.6's, fp16 gated) hoisted the epilogue's first reads
+        of the accumulator above the wait, reading it while the wgmma still wrote it (wrong results); right after the
+        wgmma there is nowhere to hoist them to. tests/test_kernels.py scans the variants' SASS for such reads."""
+        STAGES: gl.constexpr = ready.shape[0]
+        CONSUMERS: gl.constexpr = a_bufs.shape[0] // STAGES
         s = consumed % STAGES
-        mbarrier.wait(bars.index(s), (consumed // STAGES) & 1)
+        if GATHER:
+            async_copy.wait_group(STAGES - 2)  # (the next step's copies may be in flight)
+            fence_async_shared()
+            _cta_barrier()
+        mbarrier.wait(ready.index(s), (consumed // STAGES) & 1)
         b_tile = b_bufs.index(s).permute((1, 0)) if K_CONTIG else b_bufs.index(s)
-        acc = warpgroup_mma(a_bufs.index(s), b_tile, acc, use_acc=use_acc, is_async=True)
-        return warpgroup_mma_wait(1, (acc,))
+        acc = warpgroup_mma(a_bufs.index(s * CONSUMERS + WHICH), b_tile, acc, use_acc=use_acc, is_async=True)
+        if DRAIN:
+            acc = warpgroup_mma_wait(0, (acc,))
+        else:
+            acc = warpgroup_mma_wait(1, (acc,))
+        mbarrier.arrive(empty.index((consumed + STAGES - 1) % STAGES), count=1, pred=use_acc)
+        if GATHER:
+            _cta_barrier()
+        return acc
 
     @gluon.jit
-    def _store_masked(c_ptr, stride_cm, tile, off_m, off_n, row_end, N, BM: gl.constexpr, BN: gl.constexpr,
-                      layout: gl.constexpr):  # fmt: skip
-        tile = gl.convert_layout(tile, layout)
-        rows = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
-        cols = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
-        mask = (rows < row_end)[:, None] & (cols < N)[None, :]
-        gl.store(c_ptr + rows.to(gl.int64)[:, None] * stride_cm + cols[None, :], tile, mask=mask)
+    def _store_piece(desc, buf, piece, row, col, row_end, col_end, ptr, stride, full, store_layout: gl.constexpr):
+        """A 64 x 128 piece of an output at (``row``, ``col``) through this warpgroup's buffer: by TMA when its rows
+        lie within the group (``full``), else by a masked store of rows < ``row_end`` and columns < ``col_end`` (a
+        TMA store would write the next group's rows), read back from the buffer in ``store_layout``."""
+        tma.store_wait(pendings=0)  # the buffer's last TMA store has left
+        buf.store(piece)
+        if full:
+            fence_async_shared()
+            _tma_store(desc, [row, col], buf)
+        else:
+            tile = buf.load(store_layout)
+            rows = row + gl.arange(0, tile.shape[0], layout=gl.SliceLayout(1, store_layout))
+            cols = col + gl.arange(0, tile.shape[1], layout=gl.SliceLayout(0, store_layout))
+            mask = (rows < row_end)[:, None] & (cols < col_end)[None, :]
+            gl.store(ptr + rows.to(gl.int64)[:, None] * stride + cols[None, :], tile, mask=mask)
 
     @gluon.jit
-    def _store_masked_outputs(c_ptr, stride_cm, h_ptr, stride_hm, out, up, h, off_m, off_n, row_end, N,
-                              GATED: gl.constexpr, layout: gl.constexpr):  # fmt: skip
-        """A tile's outputs with a masked store each: c's tile ``out``; gated, ``out`` and ``up`` are c's gate and up
-        halves (N columns apart) and ``h`` is h's tile."""
-        BM: gl.constexpr = out.shape[0]
-        BN: gl.constexpr = out.shape[1]
-        _store_masked(c_ptr, stride_cm, out, off_m, off_n, row_end, N, BM, BN, layout)
-        if GATED:
-            _store_masked(c_ptr + N, stride_cm, up, off_m, off_n, row_end, N, BM, BN, layout)
-            _store_masked(h_ptr, stride_hm, h, off_m, off_n, row_end, N, BM, BN, layout)
-
-    @gluon.jit
-    def _tma_store_tile(desc, c_smem, tile, off_m, off_n):
-        """An output tile that lies within its group, by TMA through ``c_smem`` (free: the caller waited)."""
-        c_smem.store(tile)
-        fence_async_shared()
-        _tma_store(desc, [off_m, off_n], c_smem)
-
-    @gluon.jit
-    def grouped_gemm_kernel(a_desc, b_desc, c_desc, h_desc, a_ptr, stride_am, a_rows_ptr, c_ptr, stride_cm, h_ptr,
-                            stride_hm, offsets_ptr, M, N, K, E, K_CONTIG: gl.constexpr, GATED: gl.constexpr,
-                            ACTIVATION: gl.constexpr, GATHER: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr,
-                            num_warps: gl.constexpr):  # fmt: skip
-        BM: gl.constexpr = c_desc.block_type.shape[0]
-        BN: gl.constexpr = c_desc.block_type.shape[1]
+    def _partition(args, WHICH: gl.constexpr, K_CONTIG: gl.constexpr, GATED: gl.constexpr, ACTIVATION: gl.constexpr,
+                   GATHER: gl.constexpr, GROUP: gl.constexpr):  # fmt: skip
+        """Warpgroup ``WHICH`` of the three: rows ``64 * WHICH ..`` of every tile of this program; warpgroup 0 also
+        issues the TMA loads, STAGES - 1 steps ahead of its wgmma, through every tile's epilogue."""
+        (a_desc, b_desc, c_desc, h_desc, a_ptr, stride_am, a_rows_ptr, c_ptr, stride_cm, h_ptr, stride_hm,
+         offsets_ptr, M, N, K, E, total, a_bufs, b_bufs, c_bufs, ready, empty) = args  # fmt: skip
+        SUB_M: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
-        LEAD: gl.constexpr = STAGES - 2  # loads in flight ahead of the wgmma
+        BN: gl.constexpr = b_desc.block_type.shape[0 if K_CONTIG else 1]  # (gated: of each half)
+        STAGES: gl.constexpr = ready.shape[0]
+        BLOCK_M: gl.constexpr = SUB_M * c_bufs.shape[0]
+        LEAD: gl.constexpr = STAGES - 1  # steps loaded ahead of the wgmma
         dtype: gl.constexpr = a_desc.dtype
-        ACC_N: gl.constexpr = BN * (1 + GATED)  # gated: the gate tile's columns, then the up tile's
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, ACC_N, 16]
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN * (1 + GATED), 16]
         )
         # (also the gathered A tile's: 8 elements, one 16-byte copy, per thread along its row of 64)
-        store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
-
+        store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         num_n = gl.cdiv(N, BN)
         kt = gl.cdiv(K, BK)
-        total = 0  # tiles of all groups
-        prev = 0
-        for g in range(E):
-            end = gl.load(offsets_ptr + g)
-            total += gl.cdiv(end - prev, BM) * num_n
-            prev = end
         pid = gl.program_id(0)
         programs = gl.num_programs(0)
         my_tiles = gl.cdiv(total - pid, programs)
-
-        a_bufs = gl.allocate_shared_memory(dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
-        if K_CONTIG:
-            b_block: gl.constexpr = [ACC_N, BK]
-        else:
-            b_block: gl.constexpr = [BK, ACC_N]
-        b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + b_block, b_desc.layout)
-        # Gated: two output buffers, gate and up leave together, then h.
-        c_smem = gl.allocate_shared_memory(dtype, [1 + GATED] + c_desc.block_type.shape, c_desc.layout)
-        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(bars.index(i), count=1)
+        buf = c_bufs.index(WHICH)
 
         t = pid
         e = 0
         first = 0
         row_begin = 0
         row_end = gl.load(offsets_ptr)
-        group_tiles = gl.cdiv(row_end, BM) * num_n
+        group_tiles = gl.cdiv(row_end, BLOCK_M) * num_n
         e, first, row_begin, row_end, group_tiles, off_m, pid_n, b_row = _locate(
-            t, e, first, row_begin, row_end, group_tiles, offsets_ptr, E, N, K, num_n, BM, GROUP, K_CONTIG, GATED
+            t, e, first, row_begin, row_end, group_tiles, offsets_ptr, E, N, K, num_n, BLOCK_M, GROUP, K_CONTIG, GATED
         )
-        a_index = _row_starts(a_rows_ptr, off_m, M, stride_am, BM, GATHER, store_layout)
+        a_index = _row_starts(a_rows_ptr, off_m + SUB_M * WHICH, row_end, stride_am, SUB_M, GATHER, store_layout)
         produced = 0
         consumed = 0
         for j in gl.static_range(LEAD):
-            _load(a_desc, b_desc, bars, a_bufs, b_bufs, produced, off_m, b_row, pid_n * BN, N, j, my_tiles > 0, a_ptr,
-                  a_index, STAGES, K_CONTIG, GATED, BK, GATHER, store_layout)  # fmt: skip
+            _fill(a_desc, b_desc, a_bufs, b_bufs, ready, empty, produced, off_m, b_row, pid_n * BN, N, j, my_tiles > 0,
+                  a_ptr, a_index, WHICH, K_CONTIG, GATED, GATHER, store_layout)  # fmt: skip
             produced += 1
 
-        acc = gl.zeros((BM, ACC_N), dtype=gl.float32, layout=acc_layout)
         for i in range(my_tiles):
+            # (a fresh accumulator per tile: one carried from the last would stay live through the epilogue)
+            acc = gl.zeros((SUB_M, BN * (1 + GATED)), dtype=gl.float32, layout=acc_layout)
             for k in range(kt - LEAD):
-                acc = _step(a_desc, b_desc, bars, a_bufs, b_bufs, produced, off_m, b_row, pid_n * BN, N, k + LEAD,
-                            True, a_ptr, a_index, acc, consumed, k > 0, STAGES, K_CONTIG, GATED, BK, GATHER,
-                            store_layout)  # fmt: skip
+                acc = _consume(a_bufs, b_bufs, ready, empty, acc, consumed, k > 0, WHICH, K_CONTIG, GATHER, False)
+                _fill(a_desc, b_desc, a_bufs, b_bufs, ready, empty, produced, off_m, b_row, pid_n * BN, N, k + LEAD,
+                      True, a_ptr, a_index, WHICH, K_CONTIG, GATED, GATHER, store_layout)  # fmt: skip
                 produced += 1
                 consumed += 1
             # The next tile's first loads go out under this tile's last k-steps and its epilogue.
             n_t = t + programs
             n_e, n_first, n_row_begin, n_row_end, n_group_tiles, n_off_m, n_pid_n, n_b_row = _locate(
-                n_t, e, first, row_begin, row_end, group_tiles, offsets_ptr, E, N, K, num_n, BM, GROUP, K_CONTIG, GATED
-            )
-            a_index = _row_starts(a_rows_ptr, n_off_m, M, stride_am, BM, GATHER, store_layout)
+                n_t, e, first, row_begin, row_end, group_tiles, offsets_ptr, E, N, K, num_n, BLOCK_M, GROUP, K_CONTIG,
+                GATED,
+            )  # fmt: skip
+            a_index = _row_starts(a_rows_ptr, n_off_m + SUB_M * WHICH, n_row_end, stride_am, SUB_M, GATHER,
+                                  store_layout)  # fmt: skip
             for j in gl.static_range(LEAD):
-                acc = _step(a_desc, b_desc, bars, a_bufs, b_bufs, produced, n_off_m, n_b_row, n_pid_n * BN, N, j,
-                            i + 1 < my_tiles, a_ptr, a_index, acc, consumed, kt - LEAD + j > 0, STAGES, K_CONTIG, GATED,
-                            BK, GATHER, store_layout)  # fmt: skip
+                acc = _consume(a_bufs, b_bufs, ready, empty, acc, consumed, kt - LEAD + j > 0, WHICH, K_CONTIG, GATHER,
+                               j == LEAD - 1)  # fmt: skip
+                _fill(a_desc, b_desc, a_bufs, b_bufs, ready, empty, produced, n_off_m, n_b_row, n_pid_n * BN, N, j,
+                      i + 1 < my_tiles, a_ptr, a_index, WHICH, K_CONTIG, GATED, GATHER, store_layout)  # fmt: skip
                 produced += 1
                 consumed += 1
+            mbarrier.arrive(empty.index((consumed + STAGES - 1) % STAGES), count=1)  # (the tile's last step drained)
+
+            row = off_m + SUB_M * WHICH
             off_n = pid_n * BN
-            full = off_m + BM <= row_end
-            if full:
-                tma.store_wait(pendings=0)  # the previous tile's stores have left c_smem
-            acc = warpgroup_mma_wait(0, (acc,))
+            full = row + SUB_M <= row_end
+            # The accumulator's halves (gated: the gate and up tiles; else 128 columns each): each thread holds
+            # column j of both, so the split moves no data.
+            lo, hi = acc.reshape([SUB_M, 2, BN * (1 + GATED) // 2]).permute((0, 2, 1)).split()
+            lo = lo.to(dtype)
+            hi = hi.to(dtype)
             if GATED:
-                # preact rounded to the output dtype, and h from the rounded values (as the reference does). Each
-                # thread holds column j of both halves: the split moves no data.
-                gate, up = acc.reshape([BM, 2, BN]).permute((0, 2, 1)).split()
-                gate = gate.to(dtype)
-                up = up.to(dtype)
-                h = (activation(gate.to(gl.float32), ACTIVATION) * up.to(gl.float32)).to(dtype)
-                if full:
-                    _tma_store_tile(c_desc, c_smem.index(0), gate, off_m, off_n)
-                    _tma_store_tile(c_desc, c_smem.index(1), up, off_m, N + off_n)
-                    tma.store_wait(pendings=1)  # the gate tile has left its buffer
-                    _tma_store_tile(h_desc, c_smem.index(0), h, off_m, off_n)
-                else:
-                    _store_masked_outputs(c_ptr, stride_cm, h_ptr, stride_hm, gate, up, h, off_m, off_n, row_end, N,
-                                          GATED, store_layout)  # fmt: skip
+                # preact rounded to the output dtype, and h from the rounded values (as the reference does)
+                h = (activation(lo.to(gl.float32), ACTIVATION) * hi.to(gl.float32)).to(dtype)
+                _store_piece(c_desc, buf, lo, row, off_n, row_end, N, c_ptr, stride_cm, full, store_layout)
+                _store_piece(c_desc, buf, hi, row, N + off_n, row_end, 2 * N, c_ptr, stride_cm, full, store_layout)
+                _store_piece(h_desc, buf, h, row, off_n, row_end, N, h_ptr, stride_hm, full, store_layout)
             else:
-                out = acc.to(dtype)
-                if full:
-                    _tma_store_tile(c_desc, c_smem.index(0), out, off_m, off_n)
-                else:
-                    _store_masked_outputs(c_ptr, stride_cm, h_ptr, stride_hm, out, out, out, off_m, off_n, row_end, N,
-                                          GATED, store_layout)  # fmt: skip
+                _store_piece(c_desc, buf, lo, row, off_n, row_end, N, c_ptr, stride_cm, full, store_layout)
+                _store_piece(c_desc, buf, hi, row, off_n + BN // 2, row_end, N, c_ptr, stride_cm, full, store_layout)
             t, e, first, row_begin, row_end, group_tiles = n_t, n_e, n_first, n_row_begin, n_row_end, n_group_tiles
             off_m, pid_n, b_row = n_off_m, n_pid_n, n_b_row
         tma.store_wait(pendings=0)
         if GATHER:
             async_copy.wait_group(0)  # (the last tile's lookahead copies, of no tile)
+
+    @gluon.jit
+    def _zero_rows(ptr, stride, first, M, N, BN: gl.constexpr):
+        """Zeros into rows ``first .. M`` of an [M, N] output, this program's share of its 64 x BN blocks."""
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        zeros = gl.zeros((64, BN), dtype=ptr.dtype.element_ty, layout=layout)
+        num_n = gl.cdiv(N, BN)
+        for blk in range(gl.program_id(0), gl.cdiv(M - first, 64) * num_n, gl.num_programs(0)):
+            rows = first + (blk // num_n) * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
+            cols = (blk % num_n) * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
+            mask = (rows < M)[:, None] & (cols < N)[None, :]
+            gl.store(ptr + rows.to(gl.int64)[:, None] * stride + cols[None, :], zeros, mask=mask)
+
+    @gluon.jit
+    def grouped_gemm_kernel(a_desc, b_desc, c_desc, h_desc, a_ptr, stride_am, a_rows_ptr, c_ptr, stride_cm, h_ptr,
+                            stride_hm, offsets_ptr, M, N, K, E, K_CONTIG: gl.constexpr, GATED: gl.constexpr,
+                            ACTIVATION: gl.constexpr, GATHER: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr,
+                            REGISTERS: gl.constexpr):  # fmt: skip
+        CONSUMERS: gl.constexpr = 3  # warpgroups, each 64 rows of the tile: the default partition and two workers
+        SUB_M: gl.constexpr = a_desc.block_type.shape[0]
+        BLOCK_M: gl.constexpr = CONSUMERS * SUB_M
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        BN: gl.constexpr = b_desc.block_type.shape[0 if K_CONTIG else 1]
+        dtype: gl.constexpr = a_desc.dtype
+        num_n = gl.cdiv(N, BN)
+        total = 0  # tiles of all groups
+        prev = 0
+        for g in range(E):
+            end = gl.load(offsets_ptr + g)
+            total += gl.cdiv(end - prev, BLOCK_M) * num_n
+            prev = end
+
+        a_bufs = gl.allocate_shared_memory(dtype, [STAGES * CONSUMERS] + a_desc.block_type.shape, a_desc.layout)
+        if K_CONTIG:
+            b_block: gl.constexpr = [BN * (1 + GATED), BK]
+        else:
+            b_block: gl.constexpr = [BK, BN * (1 + GATED)]
+        b_bufs = gl.allocate_shared_memory(dtype, [STAGES] + b_block, b_desc.layout)
+        c_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS] + c_desc.block_type.shape, c_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
-            mbarrier.invalidate(bars.index(i))
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=CONSUMERS)
+        args = (a_desc, b_desc, c_desc, h_desc, a_ptr, stride_am, a_rows_ptr, c_ptr, stride_cm, h_ptr, stride_hm,
+                offsets_ptr, M, N, K, E, total, a_bufs, b_bufs, c_bufs, ready, empty)  # fmt: skip
+        # (constexprs passed inline: one held in a tuple reaches a worker partition as a runtime value)
+        gl.warp_specialize(
+            [
+                (_partition, (args, 0, K_CONTIG, GATED, ACTIVATION, GATHER, GROUP)),
+                (_partition, (args, 1, K_CONTIG, GATED, ACTIVATION, GATHER, GROUP)),
+                (_partition, (args, 2, K_CONTIG, GATED, ACTIVATION, GATHER, GROUP)),
+            ],
+            [4, 4],
+            [REGISTERS, REGISTERS],
+        )
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(i))
+            mbarrier.invalidate(empty.index(i))
 
-        # Rows routed to no expert: zeros (preact's both halves and h when gated).
+        # Rows routed to no expert: zeros (preact's both halves and h when gated), by the default warpgroup.
         routed = gl.load(offsets_ptr + E - 1)
-        zeros = gl.zeros((BM, BN), dtype=dtype, layout=store_layout)
-        for blk in range(pid, gl.cdiv(M - routed, BM) * num_n, programs):
-            off_m = routed + (blk // num_n) * BM
-            off_n = (blk % num_n) * BN
-            _store_masked_outputs(c_ptr, stride_cm, h_ptr, stride_hm, zeros, zeros, zeros, off_m, off_n, M, N, GATED,
-                                  store_layout)  # fmt: skip
-
-
+        _zero_rows(c_ptr, stride_cm, routed, M, N * (1 + GATED), c_desc.block_type.shape[1])
+        if GATED:
+            _zero_rows(h_ptr, stride_hm, routed, M, N, c_desc.block_type.shape[1])
 def grouped_gemm(
     a: torch.Tensor,
     offsets: torch.Tensor,
@@ -415,15 +443,16 @@ def grouped_gemm(
     def descriptor(t, block):
         return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
 
-    c_desc = descriptor(c, [BLOCK_M, block_n])
+    c_desc = descriptor(c, [SUB_M, PIECE])
     programs = num_programs(a.device)
     # Gathered, A's descriptor only gives the kernel its tile's type and shared layout.
     grouped_gemm_kernel[(programs,)](
-        descriptor(a, [BLOCK_M, BLOCK_K]), descriptor(view, b_block), c_desc,
-        descriptor(h, [BLOCK_M, block_n]) if gated else c_desc, a, a.stride(0),
+        descriptor(a, [SUB_M, BLOCK_K]), descriptor(view, b_block), c_desc,
+        descriptor(h, [SUB_M, PIECE]) if gated else c_desc, a, a.stride(0),
         a_rows if a_rows is not None else offsets, c, c.stride(0), h if gated else c, h.stride(0) if gated else 0,
         offsets, m, n // 2 if gated else n, k, offsets.shape[0], K_CONTIG=k_contig, GATED=gated,
-        ACTIVATION=activation, GATHER=a_rows is not None, STAGES=STAGES, GROUP=GROUP, num_warps=NUM_WARPS,
+        ACTIVATION=activation, GATHER=a_rows is not None, STAGES=STAGES, GROUP=GROUP, REGISTERS=REGISTERS,
+        num_warps=4, maxnreg=REGISTERS,
     )  # fmt: skip
 
 

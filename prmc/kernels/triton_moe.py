@@ -127,10 +127,12 @@ def _row_product(
 ) -> None:
     """``c[r] = a[r] @ b[e(r)]`` in place (rows past ``offsets[-1]`` zero; ``a`` routed: its rows gathered); ``h``
     given, the gate_up epilogue: c is preact and ``h = act(gate) * up`` (``act(preact)`` ungated). On Hopper in
-    bf16/fp16 the Gluon kernel, pipelined across tiles, where it takes the layouts (faster than the Triton kernel:
-    the store products by 4-9% on the fine-grained layers and level on Mixtral's, v10; the gated forward by 1-2%,
-    2-7% on Mixtral's, v11; benchmarks/KERNELS_NOTES.md; it has no ungated activation); elsewhere the Triton kernel,
-    through TMA where the GPU has it (within 2% of CUTLASS or faster, v7), else on pointer loads."""
+    bf16/fp16 the Gluon kernel (192 x 256 tiles over three warpgroups, pipelined across tiles) where it takes the
+    layouts (its 128 x 256 predecessor was faster than the Triton kernel: the store products by 4-9% on the
+    fine-grained layers and level on Mixtral's, v10; the gated forward by 1-2%, 2-7% on Mixtral's, v11; the 192-row
+    tile faster again by 7-8% on Qwen3's products, level on OLMoE's, v20; benchmarks/KERNELS_NOTES.md; it has no
+    ungated activation); elsewhere the Triton kernel, through TMA where the GPU has it (within 2% of CUTLASS or
+    faster, v7), else on pointer loads."""
     gluon_epilogue = h is None or gated  # (the Gluon kernel has no ungated activation)
     a_rows = None
     if isinstance(a, _Routed):
