@@ -18,8 +18,8 @@ gradient non-finite, would reach this expert's too.) Every other k-step reads bo
 L transposed on the fly (``wgmma`` takes a 16-bit A operand in either order).
 
 Gathered (``left_rows``: the down gradient's L is ``grad_out[rows]``), every thread copies its share of each k-step's
-L tile, 16 bytes per copy, by cp.async from the rows that ``left_rows`` names, looked up one k-step ahead; the CTA
-meets as in the gathered row kernel. Only L, the 128-column tile, is gathered: the 256-column R tile gathered ran
+L tile, 16 bytes per copy, by cp.async from the rows that ``left_rows`` names, looked up two k-steps ahead; the CTA
+meets twice per k-step (before a stage is overwritten, and once the copies into it have landed). Only L, the 128-column tile, is gathered: the 256-column R tile gathered ran
 17-26% slower than TMA on a copy (v14). So a gathered right operand (``right_rows``: the gate_up gradient's
 ``x[rows]``) makes the tiles run over the transposed product (below), where it is L. Measured (v14-v15,
 results/gluon_gather_probe_v14.log, gluon_weight_grad_gather_v15.log): 8-11% slower than on gather_rows' copy, the
@@ -67,8 +67,7 @@ if gluon is not None:
         warpgroup_mma_wait,
     )
 
-# The row products' tile: 128 x 256 outputs over 64-row k-steps, 3 stages (four do not fit beside the output
-# buffer in shared memory).
+# A 128 x 256 output tile over 64-row k-steps, 3 stages (four do not fit beside the output buffer in shared memory).
 BLOCK_P, BLOCK_Q, BLOCK_K, STAGES, NUM_WARPS, GROUP = 128, 256, 64, 3, 8, 8
 
 
