@@ -171,6 +171,33 @@ if gluon is not None:
         _async_load(buf, src_ptr + starts[:, None] + cols[None, :])
 
     @gluon.jit
+    def _free(GATHER: gl.constexpr):
+        """Gathered: the copying threads meet before a k-step's copies, so that every warp is done with the wgmma that
+        last read the stage they overwrite (the weight gradient: the CTA, whose two warpgroups both read each thread's
+        copies; the row kernel: one warpgroup, its partition's barrier)."""
+        if GATHER:
+            _cta_barrier()
+
+    @gluon.jit
+    def _landed(GATHER: gl.constexpr, AHEAD: gl.constexpr):
+        """Gathered: every thread's copies of the step about to be consumed have landed (those of the ``AHEAD`` steps
+        loaded after it may be in flight) and the copying threads have met, so the wgmma that reads them sees them."""
+        if GATHER:
+            async_copy.wait_group(AHEAD)
+            fence_async_shared()
+            _cta_barrier()
+
+    @gluon.jit
+    def _store_masked(c_ptr, stride_cm, tile, off_m, off_n, row_end, N, BM: gl.constexpr, BN: gl.constexpr,
+                      layout: gl.constexpr):  # fmt: skip
+        """``tile`` into rows ``off_m ..`` (those < ``row_end``) and columns ``off_n ..`` (those < N), in ``layout``."""
+        tile = gl.convert_layout(tile, layout)
+        rows = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+        cols = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
+        mask = (rows < row_end)[:, None] & (cols < N)[None, :]
+        gl.store(c_ptr + rows.to(gl.int64)[:, None] * stride_cm + cols[None, :], tile, mask=mask)
+
+    @gluon.jit
     def _load_weight(b_desc, bar, buf, b_row, n, k, pred, K_CONTIG: gl.constexpr, BK: gl.constexpr):
         """B's tile at columns ``n`` of the product, k-step ``k``, from either storage order."""
         if K_CONTIG:
@@ -229,10 +256,7 @@ if gluon is not None:
         STAGES: gl.constexpr = ready.shape[0]
         CONSUMERS: gl.constexpr = a_bufs.shape[0] // STAGES
         s = consumed % STAGES
-        if GATHER:
-            async_copy.wait_group(STAGES - 2)  # (the next step's copies may be in flight)
-            fence_async_shared()
-            _cta_barrier()
+        _landed(GATHER, STAGES - 2)  # (the next step's copies may be in flight)
         mbarrier.wait(ready.index(s), (consumed // STAGES) & 1)
         b_tile = b_bufs.index(s).permute((1, 0)) if K_CONTIG else b_bufs.index(s)
         acc = warpgroup_mma(a_bufs.index(s * CONSUMERS + WHICH), b_tile, acc, use_acc=use_acc, is_async=True)
@@ -241,8 +265,7 @@ if gluon is not None:
         else:
             acc = warpgroup_mma_wait(1, (acc,))
         mbarrier.arrive(empty.index((consumed + STAGES - 1) % STAGES), count=1, pred=use_acc)
-        if GATHER:
-            _cta_barrier()
+        _free(GATHER)
         return acc
 
     @gluon.jit
@@ -256,11 +279,8 @@ if gluon is not None:
             fence_async_shared()
             _tma_store(desc, [row, col], buf)
         else:
-            tile = buf.load(store_layout)
-            rows = row + gl.arange(0, tile.shape[0], layout=gl.SliceLayout(1, store_layout))
-            cols = col + gl.arange(0, tile.shape[1], layout=gl.SliceLayout(0, store_layout))
-            mask = (rows < row_end)[:, None] & (cols < col_end)[None, :]
-            gl.store(ptr + rows.to(gl.int64)[:, None] * stride + cols[None, :], tile, mask=mask)
+            _store_masked(ptr, stride, buf.load(store_layout), row, col, row_end, col_end, piece.shape[0],
+                          piece.shape[1], store_layout)  # fmt: skip
 
     @gluon.jit
     def _partition(args, WHICH: gl.constexpr, K_CONTIG: gl.constexpr, GATED: gl.constexpr, ACTIVATION: gl.constexpr,
@@ -361,10 +381,7 @@ if gluon is not None:
         zeros = gl.zeros((64, BN), dtype=ptr.dtype.element_ty, layout=layout)
         num_n = gl.cdiv(N, BN)
         for blk in range(gl.program_id(0), gl.cdiv(M - first, 64) * num_n, gl.num_programs(0)):
-            rows = first + (blk // num_n) * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
-            cols = (blk % num_n) * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
-            mask = (rows < M)[:, None] & (cols < N)[None, :]
-            gl.store(ptr + rows.to(gl.int64)[:, None] * stride + cols[None, :], zeros, mask=mask)
+            _store_masked(ptr, stride, zeros, first + (blk // num_n) * 64, (blk % num_n) * BN, M, N, 64, BN, layout)
 
     @gluon.jit
     def grouped_gemm_kernel(a_desc, b_desc, c_desc, h_desc, a_ptr, stride_am, a_rows_ptr, c_ptr, stride_cm, h_ptr,

@@ -55,8 +55,10 @@ if gluon is not None:
     from prmc.kernels.gluon_gemm import (
         TensorDescriptor,
         _copy_rows,
-        _cta_barrier,
+        _free,
+        _landed,
         _row_starts,
+        _store_masked,
         _tma_load,
         _tma_store,
         async_copy,
@@ -128,31 +130,6 @@ def takes(
 
 
 if gluon is not None:
-
-    @gluon.jit
-    def _free(GATHER: gl.constexpr):
-        """Gathered: the CTA meets before a k-step's copies, so that both warpgroups are done with the wgmma that last
-        read the stage they overwrite (each thread's copies cover parts of the tile that both warpgroups read)."""
-        if GATHER:
-            _cta_barrier()
-
-    @gluon.jit
-    def _landed(GATHER: gl.constexpr, AHEAD: gl.constexpr):
-        """Gathered: every thread's copies of the step about to be consumed have landed (those of the ``AHEAD`` steps
-        loaded after it may be in flight) and the CTA has met, so both warpgroups' wgmma see them."""
-        if GATHER:
-            async_copy.wait_group(AHEAD)
-            fence_async_shared()
-            _cta_barrier()
-
-    @gluon.jit
-    def _store_masked(c_ptr, stride_cm, tile, off_m, off_n, row_end, N, BM: gl.constexpr, BN: gl.constexpr,
-                      layout: gl.constexpr):  # fmt: skip
-        tile = gl.convert_layout(tile, layout)
-        rows = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
-        cols = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
-        mask = (rows < row_end)[:, None] & (cols < N)[None, :]
-        gl.store(c_ptr + rows.to(gl.int64)[:, None] * stride_cm + cols[None, :], tile, mask=mask)
 
     @gluon.jit
     def _expert_rows(t, tiles_per_expert, offsets_ptr, E):
