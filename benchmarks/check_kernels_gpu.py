@@ -30,7 +30,7 @@ CASES = {
     "one group bf16 relu": Case(4096, 1024, 512, 8, 1, dtype=torch.bfloat16, activation="relu", hot=1),
     # the Gluon kernel in fp16 on all four row products
     "fp16 silu, 16 experts": Case(2048, 1024, 512, 16, 4, dtype=torch.float16),
-    # ~24 rows per expert: every row tile's second and third warpgroups idle (no rows of theirs in the group)
+    # ~24 rows per expert: in every row tile only the first warpgroup's rows start within the group
     "tiny groups bf16, 64 experts": Case(768, 1024, 512, 64, 2, dtype=torch.bfloat16),
     # the gated Gluon forward on weights stored [E, H, F] (columns contiguous), partial tiles
     "bf16 gelu_tanh transposed, 1000 tokens": Case(1000, 1024, 384, 12, 2, dtype=torch.bfloat16, activation="gelu_tanh", transposed_weights=True),
