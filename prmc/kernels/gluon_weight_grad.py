@@ -9,7 +9,9 @@ nobody chose (a last pass writes their zeros). What varies is each tile's k-loop
 64, only 8 k-steps at Qwen3-30B-A3B's 512 rows per expert, so the bubbles between tiles (the pipeline refilling,
 the accumulator leaving) weigh as much as in the row products. As in :mod:`prmc.kernels.gluon_gemm`, the last
 k-step of a tile issues the next tile's first loads, which are in flight during this tile's epilogue, and the
-output leaves by a TMA store waited for one tile later.
+output leaves by a TMA store waited for one tile later. Where the next tile is (its expert's rows: two loads, and a
+loop over empty experts) is known before a tile starts: each expert's bounds are loaded a tile before they are
+read.
 
 A group's last k-step reads rows of the next group (TMA stops only at the tensor's edge). The k-step's L tile
 goes from shared memory into registers, where those rows are set to zero before the ``wgmma``: the next
@@ -145,11 +147,11 @@ if gluon is not None:
         return pid_p * BP, pid_q * BQ
 
     @gluon.jit
-    def _next_tile(t, programs, total, tiles_per_expert, num_q, offsets_ptr, E, BP: gl.constexpr, BQ: gl.constexpr,
-                   GROUP: gl.constexpr):  # fmt: skip
-        """This program's first tile from t on whose expert has rows (``total`` past the last): the tile, its
-        expert, first output row and column, and the expert's rows [begin, end)."""
-        e, begin, end = _expert_rows(t, tiles_per_expert, offsets_ptr, E)
+    def _next_tile(t, e, begin, end, programs, total, tiles_per_expert, num_q, offsets_ptr, E, BP: gl.constexpr,
+                   BQ: gl.constexpr, GROUP: gl.constexpr):  # fmt: skip
+        """This program's first tile from t on whose expert has rows (``total`` past the last), given tile t's expert
+        and rows (``_expert_rows``): the tile, its expert, first output row and column, and the expert's rows
+        [begin, end)."""
         while (t < total) & (begin == end):
             t += programs
             e, begin, end = _expert_rows(t, tiles_per_expert, offsets_ptr, E)
@@ -231,8 +233,19 @@ if gluon is not None:
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
 
-        t, e, off_p, off_q, begin, end = _next_tile(pid, programs, total, tiles_per_expert, num_q, offsets_ptr, E, BP,
-                                                    BQ, GROUP)  # fmt: skip
+        e, begin, end = _expert_rows(pid, tiles_per_expert, offsets_ptr, E)
+        t, e, off_p, off_q, begin, end = _next_tile(pid, e, begin, end, programs, total, tiles_per_expert, num_q,
+                                                    offsets_ptr, E, BP, BQ, GROUP)  # fmt: skip
+        # The next tile is known before a tile starts, and the one after it is looked up a tile ahead (c_e, c_begin,
+        # c_end: its expert's rows, loaded here and first read a tile later, in _next_tile's loop condition). Looked
+        # up at a tile's start, that condition waited for the loads from L2 with no wgmma in flight (the last tile
+        # drained): 1.5-2% of Qwen3-30B-A3B's weight gradients (v24).
+        c_e, c_begin, c_end = _expert_rows(t + programs, tiles_per_expert, offsets_ptr, E)
+        n_t, n_e, n_off_p, n_off_q, n_begin, n_end = _next_tile(t + programs, c_e, c_begin, c_end, programs, total,
+                                                                tiles_per_expert, num_q, offsets_ptr, E, BP, BQ,
+                                                                GROUP)  # fmt: skip
+        c_t = n_t + programs
+        c_e, c_begin, c_end = _expert_rows(c_t, tiles_per_expert, offsets_ptr, E)
         # Gathered, each k-step's source rows are looked up two loads ahead: l_index holds the next load's, l_after
         # the one after it. Looked up one load ahead, a lookup outlasted the k-step meant to hide it (ncu, H200: 18%
         # of the warps' stall samples at its first use); two ahead ran 0-3% faster (benchmarks/KERNELS_NOTES.md v19).
@@ -246,11 +259,8 @@ if gluon is not None:
         acc = gl.zeros((BP, BQ), dtype=gl.float32, layout=acc_layout)
         while t < total:
             kt = gl.cdiv(end - begin, BK)
-            # The next tile and its first k-step's source rows are looked up before this tile's k-loop, whose
-            # k-steps hide the lookups' latency (looked up after it, they held up the tile's last wgmma).
-            n_t, n_e, n_off_p, n_off_q, n_begin, n_end = _next_tile(
-                t + programs, programs, total, tiles_per_expert, num_q, offsets_ptr, E, BP, BQ, GROUP
-            )
+            # The next tile's first k-step's source rows are looked up before this tile's k-loop, whose k-steps hide
+            # the lookup's latency (looked up after it, it held up the tile's last wgmma).
             n_index = _row_starts(rows_ptr, n_begin, M, stride_l, BK, GATHER, l_layout)
             for k in range(kt - 1):
                 _free(GATHER)
@@ -280,6 +290,11 @@ if gluon is not None:
             fence_async_shared()
             _tma_store(o_desc, [row, col], o_smem)
             t, e, off_p, off_q, begin, end = n_t, n_e, n_off_p, n_off_q, n_begin, n_end
+            n_t, n_e, n_off_p, n_off_q, n_begin, n_end = _next_tile(
+                c_t, c_e, c_begin, c_end, programs, total, tiles_per_expert, num_q, offsets_ptr, E, BP, BQ, GROUP
+            )
+            c_t = n_t + programs
+            c_e, c_begin, c_end = _expert_rows(c_t, tiles_per_expert, offsets_ptr, E)
         tma.store_wait(pendings=0)
         if GATHER:
             async_copy.wait_group(0)  # (the last tile's lookahead copies, of no tile)
