@@ -239,7 +239,7 @@ if gluon is not None:
         # The next tile is known before a tile starts, and the one after it is looked up a tile ahead (c_e, c_begin,
         # c_end: its expert's rows, loaded here and first read a tile later, in _next_tile's loop condition). Looked
         # up at a tile's start, that condition waited for the loads from L2 with no wgmma in flight (the last tile
-        # drained): 1.5-2% of Qwen3-30B-A3B's weight gradients (v24).
+        # drained): 2-3% of Qwen3-30B-A3B's weight gradients, in two runs (benchmarks/KERNELS_NOTES.md v24).
         c_e, c_begin, c_end = _expert_rows(t + programs, tiles_per_expert, offsets_ptr, E)
         n_t, n_e, n_off_p, n_off_q, n_begin, n_end = _next_tile(t + programs, c_e, c_begin, c_end, programs, total,
                                                                 tiles_per_expert, num_q, offsets_ptr, E, BP, BQ,
