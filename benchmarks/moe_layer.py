@@ -2,6 +2,8 @@
 
     PYTHONPATH=. python benchmarks/moe_layer.py [--tokens 8192] [--configs qwen3,olmoe] [--out DIR]
     python benchmarks/moe_layer.py --plot benchmarks/results/moe_layer.json     # table + PNG from saved numbers
+    PYTHONPATH=. python benchmarks/moe_layer.py --energy --configs qwen3-30b-a3b   # mJ per step and per kernel (NVML)
+    PYTHONPATH=. python benchmarks/moe_layer.py --energy --ab --configs olmoe       # the same, for an A/B: fewer lines
 
 Each method gets the same bf16 tokens, the same top-k expert ids and routing weights (the router is not
 timed: it is the model's own code either way) and the same expert weights [E, 2I, H] / [E, H, I]:
@@ -78,29 +80,38 @@ def balanced_bmm(x_balanced, w_gate_up, w_down):
 
 
 class SMClock:
-    """Samples the GPU's SM clock (MHz) every 10 ms while a timing runs, through NVML (``pynvml``, which
-    ``torch.cuda.clock_rate`` uses too); ``median`` is None where NVML is missing. Under the H200's power cap
-    the clock moves during a run, so each timing carries the clock it ran at."""
+    """Samples the GPU's SM clock (MHz) every ``interval`` s while a timing runs, through NVML (``pynvml``, which
+    ``torch.cuda.clock_rate`` uses too), and whether the power cap is holding the clock down at that moment;
+    ``median`` is None where NVML is missing. Under the H200's power cap the clock moves during a run, so each
+    timing carries the clock it ran at. ``energy_mj()`` reads NVML's energy counter (mJ since the driver loaded)."""
 
-    def __init__(self, device):
+    def __init__(self, device, interval=0.01):
+        self.interval, self.samples, self.capped = interval, [], []
         try:
             import pynvml
 
             pynvml.nvmlInit()
             handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
             self._read = lambda: pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)
-        except Exception:  # no NVML: timings without clocks
+            # "clocks event reasons" were "throttle reasons" in older nvidia-ml-py; the SW power cap bit is 0x4 in both
+            reasons = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
+                pynvml, "nvmlDeviceGetCurrentClocksThrottleReasons"
+            )
+            self._capped = lambda: bool(reasons(handle) & 0x4)
+            self.energy_mj = lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+            self.power_limit_w = pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1e3
+        except Exception:  # no NVML: timings without clocks (and --energy cannot run)
             self._read = None
-        self.samples = []
 
     def __enter__(self):
         import threading
 
-        self.samples, self._stop = [], threading.Event()
+        self.samples, self.capped, self._stop = [], [], threading.Event()
         if self._read is not None:
             def poll():
-                while not self._stop.wait(0.01):
+                while not self._stop.wait(self.interval):
                     self.samples.append(self._read())
+                    self.capped.append(self._capped())
 
             self._thread = threading.Thread(target=poll, daemon=True)
             self._thread.start()
@@ -114,6 +125,11 @@ class SMClock:
     @property
     def median(self):
         return statistics.median_high(self.samples) if self.samples else None
+
+    @property
+    def capped_share(self):
+        """The share of the samples taken while the power cap (NVML's SW power cap reason) held the clock down."""
+        return sum(self.capped) / len(self.capped) if self.capped else None
 
 
 def prepare(fn, params, grad_out, backward: bool):
@@ -148,7 +164,8 @@ def time_step(step, clock: SMClock, quick: bool):
     return ms, clock.median
 
 
-def bench_config(name, tokens, device, rounds):
+def method_runs(name, tokens, device):
+    """({method: (fn, params, grad_out)}, {mode: GEMM FLOPs}): one layer's inputs and the four methods on them."""
     hidden, inter, experts, top_k, hot = CONFIGS[name]
     gemm_flops = 6 * tokens * top_k * hidden * inter
     flops = {"fwd": gemm_flops, "fwd+bwd": 3 * gemm_flops}  # the backward's GEMMs: twice the forward's
@@ -176,6 +193,11 @@ def bench_config(name, tokens, device, rounds):
         "tf eager loop": (lambda: tf_eager(x, ids, weights), [x, weights, w_gate_up, w_down], grad_out),
         "cuBLAS bmm ceiling": (lambda: balanced_bmm(x_balanced, w_gate_up, w_down), [x_balanced, w_gate_up, w_down], grad_balanced),
     }  # fmt: skip
+    return runs, flops
+
+
+def bench_config(name, tokens, device, rounds):
+    runs, flops = method_runs(name, tokens, device)
     # Each method and mode is timed once per round, the rounds one after another, so that a change of clocks
     # during the run reaches every method alike; the table gives the median over the rounds (the eager loop,
     # 10-250 ms a step, is timed in the first round only).
@@ -220,23 +242,17 @@ def layer_inputs(name, tokens, device):
     return x, w_gate_up, w_down, ids, weights, torch.randn(tokens, hidden, **bf16)
 
 
-def breakdown(name, tokens, device) -> None:
-    """Time each kernel launch of the prmc layer (fwd and bwd) on its own: where the time goes. Lines marked
-    "alt" are other kernels for the product above them (the choice, measured; not in the sum)."""
-    import triton
-
+def breakdown_parts(name, tokens, device) -> dict:
+    """{label: (run, GEMM FLOPs)}: each kernel launch of the prmc layer (fwd and bwd), in the layer's order, on
+    the layer's own operands. Labels starting with "  alt" are other kernels for the product above them (what
+    the layer chose against; not part of the step)."""
     from prmc.kernels import cublas, cutlass, gluon_gemm, gluon_weight_grad
     from prmc.kernels.combine import combine_rows
     from prmc.kernels.gather_rows import gather_rows
-    from prmc.kernels.grouped_gemm import grouped_gemm, grouped_gemm_kernel
+    from prmc.kernels.grouped_gemm import grouped_gemm
     from prmc.kernels.mlp_grad_rows import mlp_grad_rows
     from prmc.kernels.triton_moe import gathered_row_weight, weight_grad_gathers
-    from prmc.kernels.weight_grad import weight_grad, weight_grad_kernel
-
-    def tile(config):
-        kw = config.kwargs
-        rows, cols = (kw["BLOCK_M"], kw["BLOCK_N"]) if "BLOCK_M" in kw else (kw["BLOCK_P"], kw["BLOCK_Q"])
-        return f"{rows}x{cols}x{kw['BLOCK_K']}/w{config.num_warps}s{config.num_stages}"
+    from prmc.kernels.weight_grad import weight_grad
 
     hidden, inter, experts, top_k, _ = CONFIGS[name]
     bf16 = dict(device=device, dtype=torch.bfloat16)
@@ -336,8 +352,24 @@ def breakdown(name, tokens, device) -> None:
         "  alt gate_up grad_w (Triton TMA)": (lambda: weight_grad(dpre, x_rows, offsets, grad_w_gate_up), 2 * gemm),
         "  alt gate_up grad_w (Triton, gather on load)": (lambda: weight_grad(dpre, x, offsets, grad_w_gate_up, right_rows=rows), 2 * gemm),
     }  # fmt: skip
+    return parts
+
+
+def breakdown(name, tokens, device) -> None:
+    """Time each kernel launch of the prmc layer (fwd and bwd) on its own: where the time goes. Lines marked
+    "alt" are other kernels for the product above them (the choice, measured; not in the sum)."""
+    import triton
+
+    from prmc.kernels.grouped_gemm import grouped_gemm_kernel
+    from prmc.kernels.weight_grad import weight_grad_kernel
+
+    def tile(config):
+        kw = config.kwargs
+        rows, cols = (kw["BLOCK_M"], kw["BLOCK_N"]) if "BLOCK_M" in kw else (kw["BLOCK_P"], kw["BLOCK_Q"])
+        return f"{rows}x{cols}x{kw['BLOCK_K']}/w{config.num_warps}s{config.num_stages}"
+
     total = 0.0
-    for part, (fn, flops) in parts.items():
+    for part, (fn, flops) in breakdown_parts(name, tokens, device).items():
         tuned_before = {kernel: kernel.cache.copy() for kernel in (grouped_gemm_kernel, weight_grad_kernel)}
         compiled = fn()
         ms = triton.testing.do_bench(fn, return_mode="median")
@@ -357,6 +389,76 @@ def breakdown(name, tokens, device) -> None:
             timings = ", ".join(f"{tile(c)} {t[0] if isinstance(t, list) else t:.3f}" for c, t in getattr(kernel, "configs_timings", {}).items())
             print(f"  {name:22s}     autotuned {tile(config)} of: {timings}", flush=True)
     print(f"  {name:22s} {'sum of the parts used (fwd+bwd)':42s} {total:8.3f} ms", flush=True)
+
+
+def energy(name, tokens, device, ab: bool = False) -> None:
+    """Energy in steady state, read from NVML's energy counter: each prmc kernel of the layer
+    (``breakdown_parts``; "alt" lines, the kernels the layer chose against, are not in the sum) and each
+    method's fwd+bwd step, run back to back for ~2 s after ~1 s of warm-up, with the time per launch, the power
+    drawn, the SM clock and the share of the clock samples taken while the power cap held the clock down. Back to
+    back means no L2 flush between launches (unlike ``do_bench``), and launches shorter than the host's ~10-30 us
+    per call leave the GPU idle between them. First, each method's step in a burst from idle (3 s asleep, then 10
+    steps timed by CUDA events, the clock sampled every millisecond), which is what a profile of a few steps
+    sees. ``ab`` (an A/B of a kernel change): only prmc's and transformers' steps, and only the kernels the
+    layer runs. Printed only: keep the log (``| tee``)."""
+    import triton
+
+    clock = SMClock(device)
+    if clock._read is None:
+        raise SystemExit("--energy needs NVML (pip install nvidia-ml-py)")
+    print(f"  {name:22s} power limit {clock.power_limit_w:.0f} W", flush=True)
+
+    def steady(fn, seconds=2.0):
+        """(ms per launch, mJ per launch, W, median SM MHz, share under the power cap) of fn() back to back."""
+        n = max(1, int(seconds / (triton.testing.do_bench(fn, warmup=5, rep=20) * 1e-3)))
+        for _ in range(n // 2):
+            fn()
+        torch.cuda.synchronize()
+        clock.interval = 0.01  # sampling faster would take the GIL from the launching thread
+        with clock:
+            e0, t0 = clock.energy_mj(), time.perf_counter()
+            for _ in range(n):
+                fn()
+            torch.cuda.synchronize()
+            e1, t1 = clock.energy_mj(), time.perf_counter()
+        return (t1 - t0) / n * 1e3, (e1 - e0) / n, (e1 - e0) / (t1 - t0) / 1e3, clock.median, clock.capped_share
+
+    def line(label, ms, mj, watts, mhz, capped, flops):
+        rate = f"{flops / ms / 1e9:5.0f} TFLOP/s {flops / mj / 1e9:5.2f} TFLOP/J" if flops else " " * 29
+        print(f"  {name:22s} {label:42s} {ms:8.3f} ms {mj:8.2f} mJ {watts:5.0f} W  SM {mhz} MHz  "
+              f"power-capped {capped:4.0%}  {rate}", flush=True)  # fmt: skip
+
+    runs, flops = method_runs(name, tokens, device)
+    runs.pop("tf eager loop")
+    if ab:
+        runs.pop("cuBLAS bmm ceiling")
+    for method, (fn, params, grad_out) in runs.items():
+        step, _ = prepare(fn, params, grad_out, backward=True)
+        time.sleep(3)
+        idle = clock._read()
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(11)]
+        clock.interval = 0.001
+        with clock:
+            events[0].record()
+            for i in range(10):
+                step()
+                events[i + 1].record()
+            torch.cuda.synchronize()
+        ms = [a.elapsed_time(b) for a, b in zip(events, events[1:])]
+        print(f"  {name:22s} {method + ' fwd+bwd, burst':42s} first {ms[0]:.3f} ms, median {statistics.median(ms):.3f} ms; "
+              f"SM {idle} MHz idle, {min(clock.samples)}-{max(clock.samples)} (median {clock.median}) during, "
+              f"power-capped {clock.capped_share:.0%}", flush=True)  # fmt: skip
+        line(method + " fwd+bwd, steady", *steady(step), flops["fwd+bwd"])
+    total_ms = total_mj = 0.0
+    for part, (fn, part_flops) in breakdown_parts(name, tokens, device).items():
+        if ab and part.startswith("  alt"):
+            continue
+        fn()  # compile / autotune
+        ms, mj, *rest = steady(fn)
+        if not part.startswith("  alt"):
+            total_ms, total_mj = total_ms + ms, total_mj + mj
+        line(part, ms, mj, *rest, part_flops)
+    print(f"  {name:22s} {'sum of the parts (fwd+bwd)':42s} {total_ms:8.3f} ms {total_mj:8.2f} mJ", flush=True)
 
 
 def profile(name, tokens, device) -> None:
@@ -493,6 +595,8 @@ def main() -> None:
     parser.add_argument("--plot", help="rewrite the table and plot from a saved moe_layer.json")
     parser.add_argument("--breakdown", action="store_true", help="time each prmc kernel on its own instead")
     parser.add_argument("--profile", action="store_true", help="profile one prmc fwd+bwd step instead")
+    parser.add_argument("--energy", action="store_true", help="energy per step and per prmc kernel instead (NVML)")
+    parser.add_argument("--ab", action="store_true", help="--energy for an A/B: prmc and tf steps, no alt kernels")
     args = parser.parse_args()
     if args.plot:
         with open(args.plot) as f:
@@ -505,9 +609,12 @@ def main() -> None:
     import prmc  # noqa: F401  (registers torch.ops.prmc.* and their CUDA kernels)
 
     device = torch.device("cuda")
-    if args.breakdown or args.profile:
+    if args.breakdown or args.profile or args.energy:
         for name in args.configs.split(","):
-            (breakdown if args.breakdown else profile)(name, args.tokens, device)
+            if args.energy:
+                energy(name, args.tokens, device, ab=args.ab)
+            else:
+                (breakdown if args.breakdown else profile)(name, args.tokens, device)
         return
     os.makedirs(args.out, exist_ok=True)
     data = {
