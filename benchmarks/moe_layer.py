@@ -127,6 +127,14 @@ class SMClock:
         return statistics.median_high(self.samples) if self.samples else None
 
     @property
+    def available(self):
+        return self._read is not None
+
+    def now(self):
+        """The SM clock (MHz) at this moment."""
+        return self._read()
+
+    @property
     def capped_share(self):
         """The share of the samples taken while the power cap (NVML's SW power cap reason) held the clock down."""
         return sum(self.capped) / len(self.capped) if self.capped else None
@@ -404,7 +412,7 @@ def energy(name, tokens, device, ab: bool = False) -> None:
     import triton
 
     clock = SMClock(device)
-    if clock._read is None:
+    if not clock.available:
         raise SystemExit("--energy needs NVML (pip install nvidia-ml-py)")
     print(f"  {name:22s} power limit {clock.power_limit_w:.0f} W", flush=True)
 
@@ -435,7 +443,7 @@ def energy(name, tokens, device, ab: bool = False) -> None:
     for method, (fn, params, grad_out) in runs.items():
         step, _ = prepare(fn, params, grad_out, backward=True)
         time.sleep(3)
-        idle = clock._read()
+        idle = clock.now()
         events = [torch.cuda.Event(enable_timing=True) for _ in range(11)]
         clock.interval = 0.001
         with clock:
@@ -451,11 +459,12 @@ def energy(name, tokens, device, ab: bool = False) -> None:
         line(method + " fwd+bwd, steady", *steady(step), flops["fwd+bwd"])
     total_ms = total_mj = 0.0
     for part, (fn, part_flops) in breakdown_parts(name, tokens, device).items():
-        if ab and part.startswith("  alt"):
+        alt = part.startswith("  alt")
+        if ab and alt:
             continue
         fn()  # compile / autotune
         ms, mj, *rest = steady(fn)
-        if not part.startswith("  alt"):
+        if not alt:
             total_ms, total_mj = total_ms + ms, total_mj + mj
         line(part, ms, mj, *rest, part_flops)
     print(f"  {name:22s} {'sum of the parts (fwd+bwd)':42s} {total_ms:8.3f} ms {total_mj:8.2f} mJ", flush=True)
@@ -598,6 +607,8 @@ def main() -> None:
     parser.add_argument("--energy", action="store_true", help="energy per step and per prmc kernel instead (NVML)")
     parser.add_argument("--ab", action="store_true", help="--energy for an A/B: prmc and tf steps, no alt kernels")
     args = parser.parse_args()
+    if args.ab and not args.energy:
+        parser.error("--ab selects what --energy measures: add --energy")
     if args.plot:
         with open(args.plot) as f:
             write(json.load(f), os.path.dirname(args.plot))
