@@ -408,7 +408,9 @@ def energy(name, tokens, device, ab: bool = False) -> None:
     per call leave the GPU idle between them. First, each method's step in a burst from idle (3 s asleep, then 10
     steps timed by CUDA events, the clock sampled every millisecond), which is what a profile of a few steps
     sees. ``ab`` (an A/B of a kernel change): only prmc's and transformers' steps, and only the kernels the
-    layer runs. Printed only: keep the log (``| tee``)."""
+    layer runs. First of all, a dense 8192^3 cuBLAS product back to back: the energy per FLOP a bf16 GEMM reaches on
+    this chip at its power cap, against which the last line sets what 1.4x over transformers would take. Printed
+    only: keep the log (``| tee``)."""
     import triton
 
     clock = SMClock(device)
@@ -436,10 +438,19 @@ def energy(name, tokens, device, ab: bool = False) -> None:
         print(f"  {name:22s} {label:42s} {ms:8.3f} ms {mj:8.2f} mJ {watts:5.0f} W  SM {mhz} MHz  "
               f"power-capped {capped:4.0%}  {rate}", flush=True)  # fmt: skip
 
+    # The chip's best bf16 GEMM energy as a yardstick: one large dense product through cuBLAS, back to back.
+    n = 8192
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    dense = steady(lambda: a @ b)
+    line(f"dense cuBLAS {n}^3 mm (no routing)", *dense, 2 * n**3)
+    dense_tflop_per_j = 2 * n**3 / dense[1] / 1e9
+    del a, b
+
     runs, flops = method_runs(name, tokens, device)
     runs.pop("tf eager loop")
     if ab:
         runs.pop("cuBLAS bmm ceiling")
+    step_mj = {}
     for method, (fn, params, grad_out) in runs.items():
         step, _ = prepare(fn, params, grad_out, backward=True)
         time.sleep(3)
@@ -456,7 +467,17 @@ def energy(name, tokens, device, ab: bool = False) -> None:
         print(f"  {name:22s} {method + ' fwd+bwd, burst':42s} first {ms[0]:.3f} ms, median {statistics.median(ms):.3f} ms; "
               f"SM {idle} MHz idle, {min(clock.samples)}-{max(clock.samples)} (median {clock.median}) during, "
               f"power-capped {clock.capped_share:.0%}", flush=True)  # fmt: skip
-        line(method + " fwd+bwd, steady", *steady(step), flops["fwd+bwd"])
+        result = steady(step)
+        step_mj[method] = result[1]
+        line(method + " fwd+bwd, steady", *result, flops["fwd+bwd"])
+    # Steady, every method draws the power cap, so a speed-up is an energy ratio (results/energy_v27.md): 1.4x over
+    # transformers means the whole step at 1.4x its FLOP per joule.
+    need = 1.4 * flops["fwd+bwd"] / step_mj["tf grouped_mm+Inductor"] / 1e9
+    have = flops["fwd+bwd"] / step_mj["prmc"] / 1e9
+    print(f"  {name:22s} 1.4x steady needs the step at {need:.2f} TFLOP/J ({need / dense_tflop_per_j:.0%} of the dense "
+          f"product's {dense_tflop_per_j:.2f}); prmc's step: {have:.2f} ({have / dense_tflop_per_j:.0%}); its GEMMs at "
+          f"the dense product's rate alone would reach {step_mj['tf grouped_mm+Inductor'] * dense_tflop_per_j * 1e9 / flops['fwd+bwd']:.2f}x",
+          flush=True)  # fmt: skip
     total_ms = total_mj = 0.0
     for part, (fn, part_flops) in breakdown_parts(name, tokens, device).items():
         alt = part.startswith("  alt")
@@ -475,6 +496,7 @@ def profile(name, tokens, device) -> None:
     (launch gaps the per-kernel breakdown cannot see)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
+    from train_step import kernel_times  # (benchmarks/ is the script's own directory, first on sys.path)
 
     x, w_gate_up, w_down, ids, weights, grad_out = layer_inputs(name, tokens, device)
     params = [t.requires_grad_() for t in (x, weights, w_gate_up, w_down)]
@@ -504,20 +526,10 @@ def profile(name, tokens, device) -> None:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0]
-    per_kernel: dict[str, float] = {}
-    for e in kernels:
-        per_kernel[e.name] = per_kernel.get(e.name, 0.0) + e.device_time / 1e3 / steps
-    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
-    busy, end = 0.0, float("-inf")
-    for s, t in spans:
-        busy += max(0.0, t - max(s, end))
-        end = max(end, t)
-    window = (spans[-1][1] - spans[0][0]) / 1e3 / steps
+    per_kernel, busy, window, launches = kernel_times(prof, steps)
     for kname, ms in sorted(per_kernel.items(), key=lambda kv: -kv[1]):
         print(f"  {name:22s} {ms:8.3f} ms  {kname[:110]}", flush=True)
-    print(f"  {name:22s} step {window:.3f} ms, GPU busy {busy / 1e3 / steps:.3f} ms, "
-          f"{len(kernels) // steps} kernels per step", flush=True)
+    print(f"  {name:22s} step {window:.3f} ms, GPU busy {busy:.3f} ms, {launches} kernels per step", flush=True)
 
 
 def _speedups(prmc, tf) -> str:

@@ -17,6 +17,11 @@ parameters. The experts run transformers' default implementation
 ``--cudagraphs`` compiles both compiled modes with ``mode="reduce-overhead"`` (Inductor's CUDA graphs; each
 step begins with ``torch.compiler.cudagraph_mark_step_begin()``).
 
+``--profile`` adds, after each mode's timed steps, where its step's GPU time goes: a profile of 3 steps, each
+kernel's GPU ms per step (the largest first), the GPU's busy time per step, and the same grouped into MoE experts
+(prmc's kernels, or transformers' grouped GEMMs and what runs between them), the rest of the model, and the optimizer
+(``train_step_profile.txt`` under ``--out``).
+
 The optimizer step is not compiled (the same fused AdamW in every mode). Times are CUDA-event medians
 of ``--steps`` steps after ``--warmup`` steps (the first of which compiles); peak memory is
 ``torch.cuda.max_memory_allocated`` over the timed steps. Writes ``train_step.md`` and
@@ -131,6 +136,8 @@ def run_mode(name, mode, sizes, args, device, dtype) -> dict:
             step()
             times.append((time.perf_counter() - t0) * 1e3)
     ms = statistics.median(times)
+    if args.profile and device.type == "cuda":
+        profile_steps(step, f"{name} {mode}", args.out)
     row = {
         "config": name, "mode": mode, "experts_implementation": experts_impl, "tokens": args.tokens,
         "median_ms": ms, "tokens_per_s": args.tokens / ms * 1e3, "first_step_s": first_s, "first_loss": first_loss,
@@ -148,6 +155,59 @@ def run_mode(name, mode, sizes, args, device, dtype) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def kernel_times(prof, steps: int) -> tuple[dict[str, float], float, float, int]:
+    """({kernel: GPU ms per step}, GPU busy ms per step, ms per step from the first kernel's start to the last's end,
+    kernels per step) of a CUDA profile of ``steps`` steps: busy counts the union of the kernels' spans, so
+    overlapping streams count once and the window's rest is the GPU idle."""
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0]
+    per_kernel: dict[str, float] = {}
+    for e in kernels:
+        per_kernel[e.name] = per_kernel.get(e.name, 0.0) + e.device_time / 1e3 / steps
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    busy, end = 0.0, float("-inf")
+    for s, t in spans:
+        busy += max(0.0, t - max(s, end))
+        end = max(end, t)
+    return per_kernel, busy / 1e3 / steps, (spans[-1][1] - spans[0][0]) / 1e3 / steps, len(kernels) // steps
+
+
+# Which part of a training step a kernel belongs to, by name (first match): prmc's expert kernels, the grouped
+# GEMMs transformers' grouped_mm experts run (CUTLASS), the fused AdamW; everything else is "model" (attention,
+# dense GEMMs, Inductor's fused kernels, among them the routing and the permutes around grouped_mm).
+PARTS = [
+    ("experts: prmc", ("grouped_gemm_kernel", "weight_grad_kernel", "combine_rows", "mlp_grad_rows", "gather_rows",
+                       "segment_counts", "segment_bases", "scatter_kernel")),
+    ("experts: grouped GEMM (CUTLASS)", ("cutlass", "grouped", "Grouped")),
+    ("optimizer", ("adam", "Adam")),
+]  # fmt: skip
+
+
+def profile_steps(step, label: str, out_dir: str | None, steps: int = 3) -> None:
+    """Print (and append to ``out_dir``/train_step_profile.txt) each kernel's GPU ms per step of ``step``, the parts
+    of PARTS, and the GPU's busy and idle time per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    per_kernel, busy, window, launches = kernel_times(prof, steps)
+    parts: dict[str, float] = {}
+    for kname, ms in per_kernel.items():
+        part = next((p for p, keys in PARTS if any(k in kname for k in keys)), "model")
+        parts[part] = parts.get(part, 0.0) + ms
+    lines = [f"## {label}: {window:.2f} ms per step, GPU busy {busy:.2f} ms, idle {window - busy:.2f} ms, "
+             f"{launches} kernels"]
+    lines += [f"  {p:34s} {ms:8.3f} ms" for p, ms in sorted(parts.items(), key=lambda kv: -kv[1])]
+    lines += [f"    {ms:8.3f} ms  {kname[:140]}" for kname, ms in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:60]]
+    text = "\n".join(lines) + "\n"
+    print(text, flush=True)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "train_step_profile.txt"), "a") as f:
+            f.write(text + "\n")
 
 
 def environment(device) -> dict:
@@ -209,6 +269,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--cudagraphs", action="store_true", help='compile with mode="reduce-overhead" (CUDA graphs; needs Inductor)'
     )
+    parser.add_argument("--profile", action="store_true", help="also profile each mode's step: GPU ms per kernel")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
     if args.cudagraphs and args.compiler != "inductor":
