@@ -470,8 +470,8 @@ def energy(name, tokens, device, ab: bool = False) -> None:
         result = steady(step)
         step_mj[method] = result[1]
         line(method + " fwd+bwd, steady", *result, flops["fwd+bwd"])
-    # Steady, every method draws the power cap, so a speed-up is an energy ratio (results/energy_v27.md): 1.4x over
-    # transformers means the whole step at 1.4x its FLOP per joule.
+    # Steady, every method draws the power cap (within a few percent), so a speed-up is about an energy ratio
+    # (results/energy_v27.md): 1.4x over transformers means the whole step at about 1.4x its FLOP per joule.
     need = 1.4 * flops["fwd+bwd"] / step_mj["tf grouped_mm+Inductor"] / 1e9
     have = flops["fwd+bwd"] / step_mj["prmc"] / 1e9
     print(f"  {name:22s} 1.4x steady needs the step at {need:.2f} TFLOP/J ({need / dense_tflop_per_j:.0%} of the dense "
