@@ -184,6 +184,11 @@ PARTS = [
 ]  # fmt: skip
 
 
+def step_part(kernel: str) -> str:
+    """The part of PARTS a kernel (its profiler name) belongs to, else "model"."""
+    return next((part for part, keys in PARTS if any(key in kernel for key in keys)), "model")
+
+
 def profile_steps(step, label: str, out_dir: str | None, steps: int = 3) -> None:
     """Print (and append to ``out_dir``/train_step_profile.txt) each kernel's GPU ms per step of ``step``, the parts
     of PARTS, and the GPU's busy and idle time per step."""
@@ -196,8 +201,7 @@ def profile_steps(step, label: str, out_dir: str | None, steps: int = 3) -> None
     per_kernel, busy, window, launches = kernel_times(prof, steps)
     parts: dict[str, float] = {}
     for kname, ms in per_kernel.items():
-        part = next((p for p, keys in PARTS if any(k in kname for k in keys)), "model")
-        parts[part] = parts.get(part, 0.0) + ms
+        parts[step_part(kname)] = parts.get(step_part(kname), 0.0) + ms
     lines = [f"## {label}: {window:.2f} ms per step, GPU busy {busy:.2f} ms, idle {window - busy:.2f} ms, "
              f"{launches} kernels"]
     lines += [f"  {p:34s} {ms:8.3f} ms" for p, ms in sorted(parts.items(), key=lambda kv: -kv[1])]

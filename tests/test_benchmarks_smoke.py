@@ -36,3 +36,21 @@ def test_train_step_smoke(tmp_path):
     assert max(losses) - min(losses) < 1e-4 * abs(losses[0]), losses
     assert (tmp_path / "train_step.md").read_text().count("| qwen3-30b-a3b |") == 3
 
+
+
+def test_train_step_profile_parts():
+    """--profile's grouping of a step's kernels, on names seen in an H100 profile (results/train_step_profile_v30.txt):
+    prmc's kernels before the CUTLASS ones (the Gluon row kernel's name holds "grouped"), the fused AdamW, the rest."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from train_step import step_part
+    finally:
+        sys.path.pop(0)
+    cutlass = "_ZN7cutlass13device_kernelIN2at4cuda6detail25enable_3x_kernel_for_sm9xINS_4gemm6kernel13GemmUniversal"
+    adam = "void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>, FusedAdamMathFunctor<bf16>>"
+    prmc_kernels = ("grouped_gemm_kernel", "weight_grad_kernel", "combine_rows_kernel", "scatter_kernel")
+    assert [step_part(k) for k in prmc_kernels] == ["experts: prmc"] * len(prmc_kernels)
+    assert step_part(cutlass) == "experts: grouped GEMM (CUTLASS)"
+    assert step_part(adam) == "optimizer"
+    assert step_part("triton_poi_fused_index_put_masked_fill_new_zeros_scalar_tensor_8") == "model"
+    assert step_part("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64") == "model"
