@@ -201,7 +201,8 @@ def profile_steps(step, label: str, out_dir: str | None, steps: int = 3) -> None
     per_kernel, busy, window, launches = kernel_times(prof, steps)
     parts: dict[str, float] = {}
     for kname, ms in per_kernel.items():
-        parts[step_part(kname)] = parts.get(step_part(kname), 0.0) + ms
+        part = step_part(kname)
+        parts[part] = parts.get(part, 0.0) + ms
     lines = [f"## {label}: {window:.2f} ms per step, GPU busy {busy:.2f} ms, idle {window - busy:.2f} ms, "
              f"{launches} kernels"]
     lines += [f"  {p:34s} {ms:8.3f} ms" for p, ms in sorted(parts.items(), key=lambda kv: -kv[1])]
