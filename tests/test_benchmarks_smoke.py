@@ -37,7 +37,6 @@ def test_train_step_smoke(tmp_path):
     assert (tmp_path / "train_step.md").read_text().count("| qwen3-30b-a3b |") == 3
 
 
-
 def test_train_step_profile_parts():
     """--profile's grouping of a step's kernels, on names seen in an H100 profile (results/train_step_profile_v30.txt):
     prmc's kernels before the CUTLASS ones (the Gluon row kernel's name holds "grouped"), the fused AdamW, the rest."""
