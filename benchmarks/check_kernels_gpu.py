@@ -23,6 +23,8 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 CASES = {
     "qwen3-30b-a3b bf16": Case(8192, 2048, 768, 128, 8, dtype=torch.bfloat16),
+    # under torch.use_deterministic_algorithms: the rows go back to their tokens through combine_rows
+    "qwen3-30b-a3b bf16, deterministic": Case(8192, 2048, 768, 128, 8, dtype=torch.bfloat16),
     "mixtral bf16 (2048 tokens)": Case(2048, 4096, 14336, 8, 2, dtype=torch.bfloat16),
     "skewed bf16, empty + unrouted": Case(8192, 2048, 1408, 64, 6, dtype=torch.bfloat16, hot=4, unrouted=777),
     "odd fp16 gelu_tanh ungated, transposed": Case(1000, 1000, 700, 10, 3, dtype=torch.float16, activation="gelu_tanh", gated=False, transposed_weights=True),
@@ -108,6 +110,14 @@ def gluon_products(case: Case) -> int:
     return 2 * sum(_gluon_row_products(case).values())
 
 
+def combined_products(case: Case, deterministic: bool) -> int:
+    """How many of those add their rows into their tokens' rows in the epilogue (triton_moe._combined_product): the
+    down forward and grad_x, each where its columns (H) are whole 256-wide tiles, unless deterministic algorithms
+    are asked for."""
+    takes = _gluon_row_products(case)
+    return 0 if deterministic else 2 * (case.hidden % 256 == 0) * (takes["down_fwd"] + takes["grad_x"])
+
+
 def gathered_products(case: Case) -> int:
     """How many of those gather their rows by cp.async (triton_moe.gathered_row_weight): the gate_up forward up to
     MAX_GATHERED_COLUMNS, grad_h always, each where its K (H) is whole 64-deep k-steps."""
@@ -150,22 +160,29 @@ def main(only: list[str]) -> int:
         if only and not any(part in name for part in only):
             continue
         start = time.perf_counter()
-        ran, ran_k = [], []  # the Gluon row products and weight gradients of the case
-        # (each launch noted with whether it gathers its rows by cp.async)
-        gluon_gemm.grouped_gemm = lambda *args: ran.append(len(args) > 6 and args[6] is not None) or launch(*args)
+        ran, ran_k, combined = [], [], []  # the Gluon row products and weight gradients of the case
+        # (each launch noted with whether it gathers its rows by cp.async, and whether it combines them)
+        gluon_gemm.grouped_gemm = lambda *args, **kw: (
+            ran.append(len(args) > 6 and args[6] is not None) or combined.append("combine" in kw) or launch(*args, **kw)
+        )  # fmt: skip
         gluon_weight_grad.k_grouped_mm = lambda *args: ran_k.append(any(r is not None for r in args[3:])) or launch_k(
             *args
         )
+        deterministic = "deterministic" in name
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
         try:
             errors = check_case(case, "cuda")
         finally:
             gluon_gemm.grouped_gemm, gluon_weight_grad.k_grouped_mm = launch, launch_k
+            torch.use_deterministic_algorithms(False)
         worst = max(errors, key=errors.get)
         bad = {k: v for k, v in errors.items() if not v <= TOLERANCE[case.dtype]}
         if len(ran) != gluon_products(case):
             bad["gluon products"] = len(ran)
         if len(ran_k) != gluon_weight_grads(case):
             bad["gluon weight grads"] = len(ran_k)
+        if sum(combined) != combined_products(case, deterministic):
+            bad["combined products"] = sum(combined)
         if sum(ran) != gathered_products(case):
             bad["gathered products"] = sum(ran)
         if sum(ran_k) != gathered_weight_grads(case):
@@ -173,7 +190,8 @@ def main(only: list[str]) -> int:
         failed += [f"{name}: {k}" for k in bad]
         status = "ok" if not bad else f"FAIL {bad}"
         print(f"{name:42s} worst {worst} {errors[worst]:.2e} ({time.perf_counter() - start:.1f} s, "
-              f"{len(ran)} Gluon products ({sum(ran)} gathered), {len(ran_k)} weight grads ({sum(ran_k)} gathered)) "
+              f"{len(ran)} Gluon products ({sum(ran)} gathered, {sum(combined)} combined), "
+              f"{len(ran_k)} weight grads ({sum(ran_k)} gathered)) "
               f"{status}")  # fmt: skip
     failed += check_sort_by_expert()
     errors = check_ops_autograd()

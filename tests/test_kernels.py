@@ -45,6 +45,10 @@ CASES = {
     # the layer does, else copies read through TMA (MAX_*GATHERED_COLUMNS exceeded: Mixtral-class widths)
     "bf16-silu-gluon-gathered-unrouted": Case(37, 48, 40, 5, 2, dtype=torch.bfloat16, unrouted=3),
     "bf16-gelu-gluon-wide-skewed": Case(29, 40, 24, 4, 3, dtype=torch.bfloat16, activation="gelu", hot=1, unrouted=5),
+    # H whole 256-wide tiles: the down forward and grad_x add their rows into the tokens' in the epilogue, unless
+    # deterministic algorithms are asked for
+    "bf16-silu-gluon-combined-unrouted": Case(37, 256, 40, 5, 2, dtype=torch.bfloat16, unrouted=3),
+    "bf16-silu-gluon-combined-deterministic": Case(37, 256, 40, 5, 2, dtype=torch.bfloat16, unrouted=3),
 }  # fmt: skip
 
 # fp32 products are exact; half precision pays the interpreter's truncating rounding (see above).
@@ -166,31 +170,39 @@ def test_accumulator_reads_in_flight_finds_a_read_before_the_wait():
 
 
 @pytest.mark.parametrize(
-    "dtype, k_contig, gated, activation, gather",
-    [("bf16", k_contig, gated, "silu", False) for k_contig in (True, False) for gated in (False, True)]
-    + [("bf16", True, True, activation, False) for activation in ("gelu", "gelu_tanh", "relu")]
-    + [("bf16", False, False, "silu", True), ("bf16", True, True, "silu", True)]  # grad_h, gate_up fwd: gathered
-    + [("fp16", True, True, "silu", False), ("fp16", True, True, "silu", True), ("fp16", False, True, "relu", False)],
+    "dtype, k_contig, gated, activation, gather, combine",
+    [("bf16", k_contig, gated, "silu", False, None) for k_contig in (True, False) for gated in (False, True)]
+    + [("bf16", True, True, activation, False, None) for activation in ("gelu", "gelu_tanh", "relu")]
+    + [("bf16", False, False, "silu", True, None), ("bf16", True, True, "silu", True, None)]  # grad_h, gate_up fwd: gathered
+    + [("fp16", True, True, "silu", False, None), ("fp16", True, True, "silu", True, None), ("fp16", False, True, "relu", False, None)]
+    + [("bf16", False, False, "silu", False, "scaled"), ("bf16", True, False, "silu", False, "unscaled")]  # down fwd, grad_x
+    + [("fp16", False, False, "silu", False, "scaled")],
 )  # fmt: skip
-def test_gluon_gemm_compiles_for_hopper(dtype, k_contig, gated, activation, gather):
+def test_gluon_gemm_compiles_for_hopper(dtype, k_contig, gated, activation, gather, combine):
     """The Gluon row-grouped kernel as the store product and as the gated one (every activation), reading A through
-    TMA or gathering its rows: a Gluon API change fails in CI, not on a user's GPU. Its PTX must hold the TMA copies
-    (gathered: 16-byte cp.async copies, waited for before the wgmma) and 256-wide wgmma products (gated: the gate
-    and up tiles in one), its three warpgroups must meet only among themselves (128-thread named barriers: between
-    them only mbarriers), its shared memory must fit a Hopper multiprocessor, and its SASS must never touch an
-    accumulator while a wgmma may still write it (ptxas once hoisted the fp16 gated epilogue's reads: v20)."""
+    TMA or gathering its rows, and adding its rows into their tokens' (``combine``, with and without routing
+    weights): a Gluon API change fails in CI, not on a user's GPU. Its PTX must hold the TMA copies (gathered: 16-byte
+    cp.async copies, waited for before the wgmma; combined: 16-byte reductions, no TMA store) and 256-wide wgmma
+    products (gated: the gate and up tiles in one), its three warpgroups must meet only among themselves (128-thread
+    named barriers: between them only mbarriers), its shared memory must fit a Hopper multiprocessor, and its SASS
+    must never touch an accumulator while a wgmma may still write it (ptxas once hoisted the fp16 gated epilogue's
+    reads: v20)."""
     from prmc.kernels import gluon_gemm as gg
 
     if gg.gluon is None:
         pytest.skip("this Triton has no Gluon")
     block_n = gg.BLOCK_N[gated]
     b_block = [block_n, gg.BLOCK_K] if k_contig else [gg.BLOCK_K, block_n]
-    constants = dict(K_CONTIG=k_contig, GATED=gated, ACTIVATION=activation, GATHER=gather, STAGES=gg.STAGES, GROUP=gg.GROUP, REGISTERS=gg.REGISTERS)
+    constants = dict(
+        K_CONTIG=k_contig, GATED=gated, ACTIVATION=activation, GATHER=gather, COMBINE=combine is not None,
+        SCALED=combine == "scaled", STAGES=gg.STAGES, GROUP=gg.GROUP, REGISTERS=gg.REGISTERS,
+    )  # fmt: skip
     c_block = (dtype, [gg.SUB_M, gg.PIECE])
     signature = dict(
         a_desc=(dtype, [gg.SUB_M, gg.BLOCK_K]), b_desc=(dtype, b_block), c_desc=c_block, h_desc=c_block,
         a_ptr=f"*{dtype}", stride_am="i32", a_rows_ptr="*i64", c_ptr=f"*{dtype}", stride_cm="i32", h_ptr=f"*{dtype}",
-        stride_hm="i32", offsets_ptr="*i32", M="i32", N="i32", K="i32", E="i32",
+        stride_hm="i32", tokens_ptr="*i64", scale_ptr=f"*{dtype}", offsets_ptr="*i32", M="i32", N="i32",
+        K="i32", E="i32",
     )  # fmt: skip
     kernel = compile_for_hopper(gg.grouped_gemm_kernel, signature, constants, maxnreg=gg.REGISTERS)
     assert accumulator_reads_in_flight(cuobjdump(kernel, "-sass")) == []
@@ -200,6 +212,10 @@ def test_gluon_gemm_compiles_for_hopper(dtype, k_contig, gated, activation, gath
     assert ("cp.async.cg.shared.global" in ptx and "cp.async.wait_group" in ptx) == gather
     if gather:  # 16 bytes per copy
         assert set(re.findall(r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)", ptx)) == {"0x10"}
+    reductions = set(re.findall(r"(?:red|atom)\.global\.\S*add\S*", ptx))  # (Triton 3.6 writes atom, 3.9 red)
+    suffix = {"bf16": ".add.noftz.v8.bf16", "fp16": ".add.noftz.v8.f16"}[dtype]  # 16 bytes per reduction
+    assert bool(reductions) == bool(combine) and all(r.endswith(suffix) for r in reductions), reductions
+    assert ("cp.async.bulk.tensor.2d.global.shared" in ptx) != bool(combine)  # (combined: no TMA store)
     assert kernel.metadata.shared <= 232448  # bytes of shared memory a Hopper block may have
 
 
@@ -389,12 +405,19 @@ def _gluon_stand_ins(name: str) -> dict[str, float]:
     def weight_operand(a, b, c, h=None, a_rows=None):
         return (b, a_rows is not None) if a.dtype == torch.bfloat16 else None
 
-    def row_product(a, offsets, weight, c, h=None, activation="silu", a_rows=None):
+    def row_product(a, offsets, weight, c, h=None, activation="silu", a_rows=None, combine=None):
         b, gathered = weight
         assert gathered == (a_rows is not None)
-        ran.append("row gathered" if gathered else "row")
+        ran.append("row gathered" if gathered else "row combined" if combine is not None else "row")
         a = a[a_rows] if gathered else a
-        c.copy_(_row_products(a, b, offsets))
+        products = _row_products(a, b, offsets)
+        if combine is not None:  # each routed row, times its weight and rounded, added into its token's row
+            routed = int(offsets[-1])
+            weights = combine.scale[:routed, None].double() if combine.scale is not None else 1.0
+            rows = (products[:routed] * weights).to(c.dtype).double()
+            c.copy_(c.double().index_add_(0, combine.tokens[:routed], rows))
+            return
+        c.copy_(products)
         if h is not None:
             h.copy_(reference.activate(c.float(), activation, True))
 
@@ -420,15 +443,20 @@ def _gluon_stand_ins(name: str) -> dict[str, float]:
     ran = []
     for key, (module, value) in stand_ins.items():
         setattr(module, key, value)
+    torch.use_deterministic_algorithms("deterministic" in name)
     try:
         errors = check_case(CASES[name], "cpu")
     finally:
+        torch.use_deterministic_algorithms(False)
         for key, (module, _) in stand_ins.items():
             setattr(module, key, saved[key])
     # Per pass (scaled, unscaled). Gathered in the GEMMs: the gate_up forward, grad_h, both weight gradients (the down
     # one's left operand grad_out[rows], the gate_up one's right operand x[rows]): no copy. Past the MAX_*GATHERED_COLUMNS
     # only grad_h gathers: three copies, grad_out's read by the down weight gradient alone.
-    gathered = ["row gathered", "row", "row gathered", "k gathers left", "row", "k gathers right"]
+    # The down forward and grad_x (the "row" products) add their rows into the tokens' where H is whole tiles.
+    combined = "combined" in name and "deterministic" not in name
+    row = "row combined" if combined else "row"
+    gathered = ["row gathered", row, "row gathered", "k gathers left", row, "k gathers right"]
     wide = ["copy", "row", "row", "row gathered", "copy", "k", "row", "copy", "k"]
     expected = 2 * (wide if "wide" in name else gathered)
     errors["launches as expected"] = float(ran != expected)

@@ -18,6 +18,10 @@ are ``inverse[t * top_k : (t + 1) * top_k]``, no sort and no host sync. Its rout
 order, so the result is bitwise deterministic (the atomics' was not). Rows at and past ``offsets[-1]``
 belong to no expert and are skipped (their ``y`` is never read); a token all of whose rows are unrouted gets
 a zero row.
+
+On Hopper in bf16/fp16 the Gluon row kernel does without this pass: its epilogue adds each row into its token's row by
+16-byte reductions in L2 (``gluon_gemm.Combine``; not bitwise deterministic). This pass runs elsewhere, and under
+``torch.use_deterministic_algorithms(True)``.
 """
 
 from __future__ import annotations

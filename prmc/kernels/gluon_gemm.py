@@ -30,6 +30,16 @@ Gathered rows (``a_rows``: the routed rows of the gate_up forward and of the dow
 the copies run two k-steps ahead as the TMA loads do, and the warpgroup meets (a 128-thread barrier) once its copies
 have landed and once before it overwrites a stage. No gathered copy of A is written, nor read back.
 
+Combined (``Combine``: the down forward and grad_x, whose rows go back to token order): instead of being stored,
+each 64 x 128 piece, times its rows' routing weights (down forward), is read back from the warpgroup's buffer 16
+bytes per thread and added into its tokens' rows of the [T, N] output by ``red.global.add.v8`` reductions, which L2
+carries out. The [M, N] rows are neither written nor read back by a combine pass; the additions run in the output's
+dtype, in no fixed order. Measured (H100, bf16, 8192 tokens, v33; results/combine_in_epilogue_v33.log): the ten
+products of the five layers 0.93-0.997x the time of the store + ``combine_rows``, the layer steps 0.99x (OLMoE,
+DeepSeek-V2-Lite) and level (Qwen3). ncu: the epilogue's extra instructions (a routing weight and a token per
+row), not L2, are what the reductions cost; a masked reduction costs a branch each, so rows of another group are
+zeroed and added instead.
+
 Measured against the 128 x 256 kernel it replaced (H200, bf16, 8192 tokens, Triton 3.6; benchmarks/KERNELS_NOTES.md
 v20, results/gluon_ab_v20.log; bitwise-equal outputs): Qwen3's four products 7-8% faster; DeepSeek-V2-Lite's 3.5%
 and Mixtral's 1.7% faster in sum; OLMoE level (~1024 rows per expert leave its last 192-row tile a third full); the
@@ -48,6 +58,8 @@ reference leaves them zero).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -283,12 +295,38 @@ if gluon is not None:
                           piece.shape[1], store_layout)  # fmt: skip
 
     @gluon.jit
+    def _row_weights(scale_ptr, row, row_end, M, COUNT: gl.constexpr, SCALED: gl.constexpr, layout: gl.constexpr):
+        """What rows ``row .. row + COUNT`` are added to their tokens times (fp32, ``SliceLayout(1, layout)``): their
+        routing weights (``SCALED``) or 1; 0 at and past ``row_end``, rows of another group."""
+        r = row + gl.arange(0, COUNT, layout=gl.SliceLayout(1, layout))
+        if SCALED:
+            weight = gl.load(scale_ptr + gl.minimum(r, M - 1)).to(gl.float32)
+        else:
+            weight = gl.full([COUNT], 1.0, gl.float32, layout=gl.SliceLayout(1, layout))
+        return gl.where(r < row_end, weight, 0.0)
+
+    @gluon.jit
+    def _add_piece(buf, piece, row, col, M, out_ptr, stride_om, tokens_ptr, layout: gl.constexpr):
+        """A 64 x 128 piece's rows added into their tokens' rows of the output (``tokens[r]``), read back from this
+        warpgroup's buffer in ``layout``: 16-byte reductions (``red.global.add.v8``) that L2 carries out, so no routed
+        row is stored nor read back. Unmasked (a reduction under a mask costs a branch): rows of another group come
+        zeroed (``_row_weights``) and add nothing to the token they name (rows past M: row M - 1's)."""
+        buf.store(piece)
+        piece = buf.load(layout)
+        rows = row + gl.arange(0, piece.shape[0], layout=gl.SliceLayout(1, layout))
+        cols = col + gl.arange(0, piece.shape[1], layout=gl.SliceLayout(0, layout))
+        token = gl.load(tokens_ptr + gl.minimum(rows, M - 1))
+        start = gl.multiple_of(token.to(gl.int64) * stride_om, 8)
+        gl.atomic_add(out_ptr + start[:, None] + cols[None, :], piece, sem="relaxed")
+
+    @gluon.jit
     def _partition(args, WHICH: gl.constexpr, K_CONTIG: gl.constexpr, GATED: gl.constexpr, ACTIVATION: gl.constexpr,
-                   GATHER: gl.constexpr, GROUP: gl.constexpr):  # fmt: skip
+                   GATHER: gl.constexpr, COMBINE: gl.constexpr, SCALED: gl.constexpr, GROUP: gl.constexpr):  # fmt: skip
         """Warpgroup ``WHICH`` of the three: rows ``64 * WHICH ..`` of every tile of this program; warpgroup 0 also
         issues the TMA loads, STAGES - 1 steps ahead of its wgmma, through every tile's epilogue."""
         (a_desc, b_desc, c_desc, h_desc, a_ptr, stride_am, a_rows_ptr, c_ptr, stride_cm, h_ptr, stride_hm,
-         offsets_ptr, M, N, K, E, total, a_bufs, b_bufs, c_bufs, ready, empty) = args  # fmt: skip
+         tokens_ptr, scale_ptr, offsets_ptr, M, N, K, E, total, a_bufs, b_bufs, c_bufs, ready,
+         empty) = args  # fmt: skip
         SUB_M: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = b_desc.block_type.shape[0 if K_CONTIG else 1]  # (gated: of each half)
@@ -356,6 +394,10 @@ if gluon is not None:
             full = row + SUB_M <= row_end
             # The accumulator's halves (gated: the gate and up tiles; else 128 columns each): each thread holds
             # column j of both, so the split moves no data.
+            if SCALED:  # (each row times its routing weight before rounding)
+                acc = acc * _row_weights(scale_ptr, row, row_end, M, SUB_M, True, acc_layout)[:, None]
+            elif COMBINE and not full:
+                acc = acc * _row_weights(scale_ptr, row, row_end, M, SUB_M, False, acc_layout)[:, None]
             lo, hi = acc.reshape([SUB_M, 2, BN * (1 + GATED) // 2]).permute((0, 2, 1)).split()
             lo = lo.to(dtype)
             hi = hi.to(dtype)
@@ -365,6 +407,9 @@ if gluon is not None:
                 _store_piece(c_desc, buf, lo, row, off_n, row_end, N, c_ptr, stride_cm, full, store_layout)
                 _store_piece(c_desc, buf, hi, row, N + off_n, row_end, 2 * N, c_ptr, stride_cm, full, store_layout)
                 _store_piece(h_desc, buf, h, row, off_n, row_end, N, h_ptr, stride_hm, full, store_layout)
+            elif COMBINE:
+                _add_piece(buf, lo, row, off_n, M, c_ptr, stride_cm, tokens_ptr, store_layout)
+                _add_piece(buf, hi, row, off_n + BN // 2, M, c_ptr, stride_cm, tokens_ptr, store_layout)
             else:
                 _store_piece(c_desc, buf, lo, row, off_n, row_end, N, c_ptr, stride_cm, full, store_layout)
                 _store_piece(c_desc, buf, hi, row, off_n + BN // 2, row_end, N, c_ptr, stride_cm, full, store_layout)
@@ -385,8 +430,9 @@ if gluon is not None:
 
     @gluon.jit
     def grouped_gemm_kernel(a_desc, b_desc, c_desc, h_desc, a_ptr, stride_am, a_rows_ptr, c_ptr, stride_cm, h_ptr,
-                            stride_hm, offsets_ptr, M, N, K, E, K_CONTIG: gl.constexpr, GATED: gl.constexpr,
-                            ACTIVATION: gl.constexpr, GATHER: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr,
+                            stride_hm, tokens_ptr, scale_ptr, offsets_ptr, M, N, K, E, K_CONTIG: gl.constexpr,
+                            GATED: gl.constexpr, ACTIVATION: gl.constexpr, GATHER: gl.constexpr, COMBINE: gl.constexpr,
+                            SCALED: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr,
                             REGISTERS: gl.constexpr):  # fmt: skip
         CONSUMERS: gl.constexpr = 3  # warpgroups, each 64 rows of the tile: the default partition and two workers
         SUB_M: gl.constexpr = a_desc.block_type.shape[0]
@@ -415,13 +461,14 @@ if gluon is not None:
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=CONSUMERS)
         args = (a_desc, b_desc, c_desc, h_desc, a_ptr, stride_am, a_rows_ptr, c_ptr, stride_cm, h_ptr, stride_hm,
-                offsets_ptr, M, N, K, E, total, a_bufs, b_bufs, c_bufs, ready, empty)  # fmt: skip
+                tokens_ptr, scale_ptr, offsets_ptr, M, N, K, E, total, a_bufs, b_bufs, c_bufs, ready,
+                empty)  # fmt: skip
         # (constexprs passed inline: one held in a tuple reaches a worker partition as a runtime value)
         gl.warp_specialize(
             [
-                (_partition, (args, 0, K_CONTIG, GATED, ACTIVATION, GATHER, GROUP)),
-                (_partition, (args, 1, K_CONTIG, GATED, ACTIVATION, GATHER, GROUP)),
-                (_partition, (args, 2, K_CONTIG, GATED, ACTIVATION, GATHER, GROUP)),
+                (_partition, (args, 0, K_CONTIG, GATED, ACTIVATION, GATHER, COMBINE, SCALED, GROUP)),
+                (_partition, (args, 1, K_CONTIG, GATED, ACTIVATION, GATHER, COMBINE, SCALED, GROUP)),
+                (_partition, (args, 2, K_CONTIG, GATED, ACTIVATION, GATHER, COMBINE, SCALED, GROUP)),
             ],
             [4, 4],
             [REGISTERS, REGISTERS],
@@ -430,11 +477,24 @@ if gluon is not None:
             mbarrier.invalidate(ready.index(i))
             mbarrier.invalidate(empty.index(i))
 
-        # Rows routed to no expert: zeros (preact's both halves and h when gated), by the default warpgroup.
-        routed = gl.load(offsets_ptr + E - 1)
-        _zero_rows(c_ptr, stride_cm, routed, M, N * (1 + GATED), c_desc.block_type.shape[1])
-        if GATED:
-            _zero_rows(h_ptr, stride_hm, routed, M, N, c_desc.block_type.shape[1])
+        # Rows routed to no expert: zeros (preact's both halves and h when gated), by the default warpgroup; combined,
+        # they add nothing.
+        if not COMBINE:
+            routed = gl.load(offsets_ptr + E - 1)
+            _zero_rows(c_ptr, stride_cm, routed, M, N * (1 + GATED), c_desc.block_type.shape[1])
+            if GATED:
+                _zero_rows(h_ptr, stride_hm, routed, M, N, c_desc.block_type.shape[1])
+
+
+@dataclass
+class Combine:
+    """The product's rows added into their tokens' rows of the output instead of stored: routed row r goes to row
+    ``tokens[r]`` times ``scale[r]`` (both [M], routed-row order; no scale: 1)."""
+
+    tokens: torch.Tensor  # int32 or int64
+    scale: torch.Tensor | None = None
+
+
 def grouped_gemm(
     a: torch.Tensor,
     offsets: torch.Tensor,
@@ -443,12 +503,16 @@ def grouped_gemm(
     h: torch.Tensor | None = None,
     activation: str = "silu",
     a_rows: torch.Tensor | None = None,
+    combine: Combine | None = None,
 ) -> None:
     """``c[r] = a[a_rows[r]] @ b[e(r)]`` (``a[r]`` without ``a_rows``) over the groups of ``offsets`` (int32 group
     ends), rows past ``offsets[-1]`` zeroed; ``weight`` = ``weight_operand(a, b, c, h, a_rows)``, c [M, N'], written
     in place. ``h`` given: the gated product, ``h = act(gate) * up`` from c's two halves (each rounded to c's dtype
-    first)."""
-    m, k, n = c.shape[0], a.shape[1], c.shape[1]
+    first). ``combine`` given (the store product, ``a`` not gathered): c [T, N'] is the tokens' output, and each
+    routed row is added into its token's row (rounded to c's dtype, then added by the L2 in c's dtype: the order of
+    the additions varies from run to run); rows past ``offsets[-1]`` add nothing."""
+    k, n = a.shape[1], c.shape[1]
+    m = a.shape[0] if combine is not None else c.shape[0]
     if m == 0 or n == 0:
         return
     view, k_contig = weight
@@ -462,14 +526,16 @@ def grouped_gemm(
 
     c_desc = descriptor(c, [SUB_M, PIECE])
     programs = num_programs(a.device)
+    scale = combine.scale if combine is not None else None
     # Gathered, A's descriptor only gives the kernel its tile's type and shared layout.
     grouped_gemm_kernel[(programs,)](
         descriptor(a, [SUB_M, BLOCK_K]), descriptor(view, b_block), c_desc,
         descriptor(h, [SUB_M, PIECE]) if gated else c_desc, a, a.stride(0),
         a_rows if a_rows is not None else offsets, c, c.stride(0), h if gated else c, h.stride(0) if gated else 0,
-        offsets, m, n // 2 if gated else n, k, offsets.shape[0], K_CONTIG=k_contig, GATED=gated,
-        ACTIVATION=activation, GATHER=a_rows is not None, STAGES=STAGES, GROUP=GROUP, REGISTERS=REGISTERS,
-        num_warps=4, maxnreg=REGISTERS,
+        combine.tokens if combine is not None else offsets, scale if scale is not None else c, offsets, m,
+        n // 2 if gated else n, k, offsets.shape[0], K_CONTIG=k_contig, GATED=gated, ACTIVATION=activation,
+        GATHER=a_rows is not None, COMBINE=combine is not None, SCALED=scale is not None, STAGES=STAGES, GROUP=GROUP,
+        REGISTERS=REGISTERS, num_warps=4, maxnreg=REGISTERS,
     )  # fmt: skip
 
 

@@ -42,7 +42,9 @@ owns columns ``j`` of both halves, keeps two accumulators that share each A tile
 
 The products that go back to token order (down forward, gate_up grad_x) are stored per routed row and
 summed per token by :func:`prmc.kernels.combine.combine_rows`: fp32 atomics from this epilogue were
-measured slower (benchmarks/KERNELS_NOTES.md, v4) and were not deterministic.
+measured slower (benchmarks/KERNELS_NOTES.md, v4) and were not deterministic. (The Gluon kernel on Hopper adds them
+into the tokens' rows by 16-byte bf16/fp16 reductions instead, unless deterministic algorithms are asked for:
+``gluon_gemm.Combine``.)
 """
 
 from __future__ import annotations

@@ -15,14 +15,15 @@ op                    kernels ("store"/"gate_up": grouped_gemm, through TMA wher
 sort_by_expert        a counting sort in three Triton launches, giving the inverse permutation too (torch path
                       past 512 experts)
 experts               x[rows] -> "gate_up": GEMM with W_gate_up.T, preact + h = act(gate) * up; "store": h @ W_down.T
-                      per routed row; combine_rows (* routing weight, summed per token through ``inverse``).
-                      Keeps only preact.
+                      per routed row; combine_rows (* routing weight, summed per token through ``inverse``); on the
+                      Gluon kernel, unless deterministic algorithms are asked for, the combine is its epilogue's
+                      reductions into the tokens' rows (_combined_product). Keeps only preact.
 experts_backward_down g = grad_out[rows] @ W_down per routed row ("store"); mlp_grad_rows: d preact, grad_scale,
                       scale * h (h recomputed from preact); grad_W_down = grad_out[rows].T @ (scale * h) (weight
                       grad)
 experts_backward_     grad_x = combine_rows("store": d preact @ W_gate_up); grad_W_gate_up = d preact.T @ x[rows]
-gate_up               (weight grad). With a few large experts (cublas.takes: Mixtral-class, Hopper, bf16)
-                      grad_W_gate_up is one cuBLAS mm per expert where the Gluon kernel does not fit
+gate_up               (weight grad); the combine as in experts. With a few large experts (cublas.takes: Mixtral-class,
+                      Hopper, bf16) grad_W_gate_up is one cuBLAS mm per expert where the Gluon kernel does not fit
 ====================  =======================================================================================
 routed rows           x[rows], grad_out[rows] (``_Routed``): gathered by the GEMM's own loads where it can (the
                       Gluon kernels' cp.async on Hopper: the gate_up forward up to MAX_GATHERED_COLUMNS, grad_h,
@@ -157,6 +158,26 @@ def _per_row_product(a: Tensor, offsets: Tensor, b: Tensor) -> Tensor:
     return c
 
 
+def _combined_product(
+    a: Tensor, offsets: Tensor, b: Tensor, rows: Tensor, order: Tensor, inverse: Tensor, top_k: int,
+    scale: Tensor | None = None,
+) -> Tensor:
+    """``combine_rows(a[r] @ b[e(r)])``: each routed row's product summed into its token ``rows[r]`` (= ``order[r] //
+    top_k``), times its routing weight ``scale`` (slot order), [M // top_k, N]. On the Gluon kernel, unless
+    deterministic algorithms are asked for (``torch.use_deterministic_algorithms``), the epilogue adds the rows into
+    their tokens' rows by 16-byte reductions in L2, in the output's dtype and in no fixed order: the [M, N] rows are
+    neither stored nor read back. Else the rows are stored and ``combine_rows`` sums them in fp32, in slot order
+    (bitwise deterministic)."""
+    if not torch.are_deterministic_algorithms_enabled():
+        out = a.new_empty(order.shape[0] // top_k, b.shape[2])
+        weight = gluon_gemm.weight_operand(a, b, out)
+        if weight is not None and b.shape[2] % gluon_gemm.BLOCK_N[False] == 0:
+            row_scale = scale[order] if scale is not None else None
+            gluon_gemm.grouped_gemm(a, offsets, weight, out.zero_(), combine=gluon_gemm.Combine(rows, row_scale))
+            return out
+    return combine_rows(_per_row_product(a, offsets, b), inverse, top_k, offsets, scale)
+
+
 def _weight_grad(
     left: Tensor | _Routed, right: Tensor | _Routed, offsets: Tensor, shape: torch.Size, bounds: list[int] | None = None
 ) -> Tensor:
@@ -202,12 +223,12 @@ def experts(
     offsets = offsets.int()
     h = x.new_empty(m, inter)
     preact = x.new_empty(m, f)
-    x_rows = _Routed(x, order // top_k)  # (a copy of x[rows], where one is made, lives until the GEMM is done)
+    rows = order // top_k
+    x_rows = _Routed(x, rows)  # (a copy of x[rows], where one is made, lives until the GEMM is done)
     _row_product(x_rows, offsets, w_gate_up.transpose(1, 2), preact, h, activation, gated)
     del x_rows
-    y = _per_row_product(h, offsets, w_down.transpose(1, 2))
-    del h  # freed before the combine allocates: the backward recomputes h from preact (mlp_grad_rows)
-    return combine_rows(y, inverse, top_k, offsets, scale), preact
+    # (h is freed once the op returns: the backward recomputes it from preact, mlp_grad_rows)
+    return _combined_product(h, offsets, w_down.transpose(1, 2), rows, order, inverse, top_k, scale), preact
 
 
 def experts_backward_down(
@@ -257,7 +278,7 @@ def experts_backward_gate_up(
         w_gate_up.shape, dpre.dtype, dpre.device
     )
     bounds_later = cublas.group_bounds_later(offsets) if per_expert else None
-    grad_x = combine_rows(_per_row_product(dpre, offsets, w_gate_up), inverse, top_k, offsets)
+    grad_x = _combined_product(dpre, offsets, w_gate_up, rows, order, inverse, top_k)
     # x[rows] is gathered again rather than kept from the forward (that would hold T*k*H more memory).
     bounds = bounds_later() if bounds_later is not None else None
     grad_w_gate_up = _weight_grad(dpre, _Routed(x, rows), offsets, w_gate_up.shape, bounds=bounds)
