@@ -35,10 +35,10 @@ each 64 x 128 piece, times its rows' routing weights (down forward), is read bac
 bytes per thread and added into its tokens' rows of the [T, N] output by ``red.global.add.v8`` reductions, which L2
 carries out. The [M, N] rows are neither written nor read back by a combine pass; the additions run in the output's
 dtype, in no fixed order. Measured (H100, bf16, 8192 tokens, v33; results/combine_in_epilogue_v33.log): the ten
-products of the five layers 0.93-0.997x the time of the store + ``combine_rows``, the layer steps 0.99x (OLMoE,
-DeepSeek-V2-Lite) and level (Qwen3). ncu: the epilogue's extra instructions (a routing weight and a token per
-row), not L2, are what the reductions cost; a masked reduction costs a branch each, so rows of another group are
-zeroed and added instead.
+products of the five layers 0.93-0.996x the time of the store + ``combine_rows``, the layer steps 0.99-1.005x. ncu:
+the epilogue's extra instructions, not L2, are what the reductions cost, so each tile's tokens and routing weights
+are loaded before its k-loop, and rows of another group are zeroed and added rather than masked (a masked reduction
+costs a branch each).
 
 Measured against the 128 x 256 kernel it replaced (H200, bf16, 8192 tokens, Triton 3.6; benchmarks/KERNELS_NOTES.md
 v20, results/gluon_ab_v20.log; bitwise-equal outputs): Qwen3's four products 7-8% faster; DeepSeek-V2-Lite's 3.5%
@@ -306,16 +306,19 @@ if gluon is not None:
         return gl.where(r < row_end, weight, 0.0)
 
     @gluon.jit
-    def _add_piece(buf, piece, row, col, M, out_ptr, stride_om, tokens_ptr, layout: gl.constexpr):
-        """A 64 x 128 piece's rows added into their tokens' rows of the output (``tokens[r]``), read back from this
-        warpgroup's buffer in ``layout``: 16-byte reductions (``red.global.add.v8``) that L2 carries out, so no routed
-        row is stored nor read back. Unmasked (a reduction under a mask costs a branch): rows of another group come
-        zeroed (``_row_weights``) and add nothing to the token they name (rows past M: row M - 1's)."""
+    def _row_tokens(tokens_ptr, row, M, COUNT: gl.constexpr, layout: gl.constexpr):
+        """The tokens of rows ``row .. row + COUNT`` (rows past M: row M - 1's), in ``SliceLayout(1, layout)``."""
+        return gl.load(tokens_ptr + gl.minimum(row + gl.arange(0, COUNT, layout=gl.SliceLayout(1, layout)), M - 1))
+
+    @gluon.jit
+    def _add_piece(buf, piece, col, out_ptr, stride_om, token, layout: gl.constexpr):
+        """A 64 x 128 piece's rows added into their tokens' rows of the output (``token``: ``_row_tokens``), read back
+        from this warpgroup's buffer in ``layout``: 16-byte reductions (``red.global.add.v8``) that L2 carries out, so
+        no routed row is stored nor read back. Unmasked (a reduction under a mask costs a branch): rows of another
+        group come zeroed (``_row_weights``) and add nothing to the token they name."""
         buf.store(piece)
         piece = buf.load(layout)
-        rows = row + gl.arange(0, piece.shape[0], layout=gl.SliceLayout(1, layout))
         cols = col + gl.arange(0, piece.shape[1], layout=gl.SliceLayout(0, layout))
-        token = gl.load(tokens_ptr + gl.minimum(rows, M - 1))
         start = gl.multiple_of(token.to(gl.int64) * stride_om, 8)
         gl.atomic_add(out_ptr + start[:, None] + cols[None, :], piece, sem="relaxed")
 
@@ -366,6 +369,10 @@ if gluon is not None:
         for i in range(my_tiles):
             # (a fresh accumulator per tile: one carried from the last would stay live through the epilogue)
             acc = gl.zeros((SUB_M, BN * (1 + GATED)), dtype=gl.float32, layout=acc_layout)
+            row = off_m + SUB_M * WHICH
+            if COMBINE:  # (looked up before the k-loop, so that the epilogue does not wait for them)
+                weights = _row_weights(scale_ptr, row, row_end, M, SUB_M, SCALED, acc_layout)
+                tokens = _row_tokens(tokens_ptr, row, M, SUB_M, store_layout)
             for k in range(kt - LEAD):
                 acc = _consume(a_bufs, b_bufs, ready, empty, acc, consumed, k > 0, WHICH, K_CONTIG, GATHER, False)
                 _fill(a_desc, b_desc, a_bufs, b_bufs, ready, empty, produced, off_m, b_row, pid_n * BN, N, k + LEAD,
@@ -389,15 +396,14 @@ if gluon is not None:
                 consumed += 1
             mbarrier.arrive(empty.index((consumed + STAGES - 1) % STAGES), count=1)  # (the tile's last step drained)
 
-            row = off_m + SUB_M * WHICH
             off_n = pid_n * BN
             full = row + SUB_M <= row_end
             # The accumulator's halves (gated: the gate and up tiles; else 128 columns each): each thread holds
             # column j of both, so the split moves no data.
             if SCALED:  # (each row times its routing weight before rounding)
-                acc = acc * _row_weights(scale_ptr, row, row_end, M, SUB_M, True, acc_layout)[:, None]
+                acc = acc * weights[:, None]
             elif COMBINE and not full:
-                acc = acc * _row_weights(scale_ptr, row, row_end, M, SUB_M, False, acc_layout)[:, None]
+                acc = acc * weights[:, None]
             lo, hi = acc.reshape([SUB_M, 2, BN * (1 + GATED) // 2]).permute((0, 2, 1)).split()
             lo = lo.to(dtype)
             hi = hi.to(dtype)
@@ -408,8 +414,8 @@ if gluon is not None:
                 _store_piece(c_desc, buf, hi, row, N + off_n, row_end, 2 * N, c_ptr, stride_cm, full, store_layout)
                 _store_piece(h_desc, buf, h, row, off_n, row_end, N, h_ptr, stride_hm, full, store_layout)
             elif COMBINE:
-                _add_piece(buf, lo, row, off_n, M, c_ptr, stride_cm, tokens_ptr, store_layout)
-                _add_piece(buf, hi, row, off_n + BN // 2, M, c_ptr, stride_cm, tokens_ptr, store_layout)
+                _add_piece(buf, lo, off_n, c_ptr, stride_cm, tokens, store_layout)
+                _add_piece(buf, hi, off_n + BN // 2, c_ptr, stride_cm, tokens, store_layout)
             else:
                 _store_piece(c_desc, buf, lo, row, off_n, row_end, N, c_ptr, stride_cm, full, store_layout)
                 _store_piece(c_desc, buf, hi, row, off_n + BN // 2, row_end, N, c_ptr, stride_cm, full, store_layout)
