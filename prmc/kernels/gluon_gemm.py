@@ -400,9 +400,7 @@ if gluon is not None:
             full = row + SUB_M <= row_end
             # The accumulator's halves (gated: the gate and up tiles; else 128 columns each): each thread holds
             # column j of both, so the split moves no data.
-            if SCALED:  # (each row times its routing weight before rounding)
-                acc = acc * weights[:, None]
-            elif COMBINE and not full:
+            if SCALED or (COMBINE and not full):  # (routing weights before rounding; another group's rows zeroed)
                 acc = acc * weights[:, None]
             lo, hi = acc.reshape([SUB_M, 2, BN * (1 + GATED) // 2]).permute((0, 2, 1)).split()
             lo = lo.to(dtype)
@@ -517,6 +515,7 @@ def grouped_gemm(
     first). ``combine`` given (the store product, ``a`` not gathered): c [T, N'] is the tokens' output, and each
     routed row is added into its token's row (rounded to c's dtype, then added by the L2 in c's dtype: the order of
     the additions varies from run to run); rows past ``offsets[-1]`` add nothing."""
+    assert combine is None or a_rows is None, "a combined product reads A through TMA"
     k, n = a.shape[1], c.shape[1]
     m = a.shape[0] if combine is not None else c.shape[0]
     if m == 0 or n == 0:
