@@ -168,10 +168,11 @@ def _combined_product(
     their tokens' rows by 16-byte reductions in L2, in the output's dtype and in no fixed order: the [M, N] rows are
     neither stored nor read back. Else the rows are stored and ``combine_rows`` sums them in fp32, in slot order
     (bitwise deterministic)."""
-    if not torch.are_deterministic_algorithms_enabled():
+    # (the combining epilogue has no column mask: whole 256-wide column tiles only)
+    if not torch.are_deterministic_algorithms_enabled() and b.shape[2] % gluon_gemm.BLOCK_N[False] == 0:
         out = a.new_empty(order.shape[0] // top_k, b.shape[2])
         weight = gluon_gemm.weight_operand(a, b, out)
-        if weight is not None and b.shape[2] % gluon_gemm.BLOCK_N[False] == 0:
+        if weight is not None:
             row_scale = scale[order] if scale is not None else None
             gluon_gemm.grouped_gemm(a, offsets, weight, out.zero_(), combine=gluon_gemm.Combine(rows, row_scale))
             return out
