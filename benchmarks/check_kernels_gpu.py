@@ -115,11 +115,12 @@ def gluon_products(case: Case) -> int:
 
 
 def combined_products(case: Case, deterministic: bool) -> int:
-    """How many of those add their rows into their tokens' rows in the epilogue (triton_moe._combined_product): the
-    down forward and grad_x, each where its columns (H) are whole 256-wide tiles, unless deterministic algorithms
+    """How many of those add their rows into their tokens' rows in the epilogue (triton_moe._combined_in_epilogue):
+    the down forward and grad_x, each where its columns (H) are whole 256-wide tiles, unless deterministic algorithms
     are asked for."""
     takes = _gluon_row_products(case)
-    return 0 if deterministic else 2 * (case.hidden % 256 == 0) * (takes["down_fwd"] + takes["grad_x"])
+    whole_tiles = case.hidden % gluon_gemm.BLOCK_N[False] == 0
+    return 0 if deterministic else 2 * whole_tiles * (takes["down_fwd"] + takes["grad_x"])
 
 
 def gathered_products(case: Case) -> int:

@@ -17,7 +17,7 @@ sort_by_expert        a counting sort in three Triton launches, giving the inver
 experts               x[rows] -> "gate_up": GEMM with W_gate_up.T, preact + h = act(gate) * up; "store": h @ W_down.T
                       per routed row; combine_rows (* routing weight, summed per token through ``inverse``); on the
                       Gluon kernel, unless deterministic algorithms are asked for, the combine is its epilogue's
-                      reductions into the tokens' rows (_combined_product). Keeps only preact.
+                      reductions into the tokens' rows (_combined_in_epilogue). Keeps only preact.
 experts_backward_down g = grad_out[rows] @ W_down per routed row ("store"); mlp_grad_rows: d preact, grad_scale,
                       scale * h (h recomputed from preact); grad_W_down = grad_out[rows].T @ (scale * h) (weight
                       grad)
@@ -158,25 +158,25 @@ def _per_row_product(a: Tensor, offsets: Tensor, b: Tensor) -> Tensor:
     return c
 
 
-def _combined_product(
-    a: Tensor, offsets: Tensor, b: Tensor, rows: Tensor, order: Tensor, inverse: Tensor, top_k: int,
-    scale: Tensor | None = None,
-) -> Tensor:
-    """``combine_rows(a[r] @ b[e(r)])``: each routed row's product summed into its token ``rows[r]`` (= ``order[r] //
-    top_k``), times its routing weight ``scale`` (slot order), [M // top_k, N]. On the Gluon kernel, unless
-    deterministic algorithms are asked for (``torch.use_deterministic_algorithms``), the epilogue adds the rows into
-    their tokens' rows by 16-byte reductions in L2, in the output's dtype and in no fixed order: the [M, N] rows are
-    neither stored nor read back. Else the rows are stored and ``combine_rows`` sums them in fp32, in slot order
-    (bitwise deterministic)."""
+def _combined_in_epilogue(
+    a: Tensor, offsets: Tensor, b: Tensor, rows: Tensor, order: Tensor, top_k: int, scale: Tensor | None = None
+) -> Tensor | None:
+    """``combine_rows(_per_row_product(a, offsets, b), ...)`` by the Gluon kernel alone: each routed row's product,
+    times its routing weight ``scale`` (slot order), added into its token ``rows[r]`` (= ``order[r] // top_k``) of the
+    [M // top_k, N] output by 16-byte reductions in L2, in the output's dtype and in no fixed order; the [M, N] rows
+    are neither stored nor read back. None where it does not run: off the Gluon kernel, or under
+    ``torch.use_deterministic_algorithms``, where the caller stores the rows and ``combine_rows`` sums them in fp32
+    in slot order (bitwise deterministic). (The caller keeps that path, so that it can free ``a`` first.)"""
     # (the combining epilogue has no column mask: whole 256-wide column tiles only)
-    if not torch.are_deterministic_algorithms_enabled() and b.shape[2] % gluon_gemm.BLOCK_N[False] == 0:
-        out = a.new_empty(order.shape[0] // top_k, b.shape[2])
-        weight = gluon_gemm.weight_operand(a, b, out)
-        if weight is not None:
-            row_scale = scale[order] if scale is not None else None
-            gluon_gemm.grouped_gemm(a, offsets, weight, out.zero_(), combine=gluon_gemm.Combine(rows, row_scale))
-            return out
-    return combine_rows(_per_row_product(a, offsets, b), inverse, top_k, offsets, scale)
+    if torch.are_deterministic_algorithms_enabled() or b.shape[2] % gluon_gemm.BLOCK_N[False] != 0:
+        return None
+    out = a.new_empty(order.shape[0] // top_k, b.shape[2])
+    weight = gluon_gemm.weight_operand(a, b, out)
+    if weight is None:
+        return None
+    row_scale = scale[order] if scale is not None else None
+    gluon_gemm.grouped_gemm(a, offsets, weight, out.zero_(), combine=gluon_gemm.Combine(rows, row_scale))
+    return out
 
 
 def _weight_grad(
@@ -228,8 +228,12 @@ def experts(
     x_rows = _Routed(x, rows)  # (a copy of x[rows], where one is made, lives until the GEMM is done)
     _row_product(x_rows, offsets, w_gate_up.transpose(1, 2), preact, h, activation, gated)
     del x_rows
-    # (h is freed once the op returns: the backward recomputes it from preact, mlp_grad_rows)
-    return _combined_product(h, offsets, w_down.transpose(1, 2), rows, order, inverse, top_k, scale), preact
+    out = _combined_in_epilogue(h, offsets, w_down.transpose(1, 2), rows, order, top_k, scale)
+    if out is None:
+        y = _per_row_product(h, offsets, w_down.transpose(1, 2))
+        del h  # freed before the combine allocates: the backward recomputes h from preact (mlp_grad_rows)
+        out = combine_rows(y, inverse, top_k, offsets, scale)
+    return out, preact
 
 
 def experts_backward_down(
@@ -279,7 +283,9 @@ def experts_backward_gate_up(
         w_gate_up.shape, dpre.dtype, dpre.device
     )
     bounds_later = cublas.group_bounds_later(offsets) if per_expert else None
-    grad_x = _combined_product(dpre, offsets, w_gate_up, rows, order, inverse, top_k)
+    grad_x = _combined_in_epilogue(dpre, offsets, w_gate_up, rows, order, top_k)
+    if grad_x is None:
+        grad_x = combine_rows(_per_row_product(dpre, offsets, w_gate_up), inverse, top_k, offsets)
     # x[rows] is gathered again rather than kept from the forward (that would hold T*k*H more memory).
     bounds = bounds_later() if bounds_later is not None else None
     grad_w_gate_up = _weight_grad(dpre, _Routed(x, rows), offsets, w_gate_up.shape, bounds=bounds)
