@@ -14,8 +14,10 @@ timed: it is the model's own code either way) and the same expert weights [E, 2I
 - tf grouped_mm+Inductor: transformers 5.17 ``Qwen3MoeExperts`` (``_experts_implementation="grouped_mm"``)
                         under ``torch.compile``
 - tf eager loop:        the same module with ``"eager"`` (a Python loop over experts)
-- cuBLAS bmm ceiling:   ``torch.bmm`` on a perfectly balanced batch of the same FLOPs (T*K/E rows each),
-                        with the gated product between the two GEMMs; no routing, gather or combine.
+- cuBLAS bmm ceiling:   ``torch.bmm`` on a perfectly balanced batch of the same FLOPs (T*K/E rows each):
+                        the six GEMMs in the layouts they need and the gated activation (forward, and backward
+                        with h recomputed) fused by Inductor between them; no routing, gather or combine
+                        (``BalancedExperts``; until v35 autograd's bmm backward, ~5x its forward).
 
 Times are ``triton.testing.do_bench`` medians, each method and mode timed once per round over ``--rounds``
 rounds (3), the table giving the median of the rounds, the speed-up's range over them and the SM clock
@@ -74,9 +76,44 @@ def transformers_experts(hidden, inter, experts, top_k, implementation):
     return Qwen3MoeExperts(config)
 
 
-def balanced_bmm(x_balanced, w_gate_up, w_down):
-    gate, up = torch.bmm(x_balanced, w_gate_up.transpose(1, 2)).chunk(2, dim=-1)
-    return torch.bmm(torch.nn.functional.silu(gate) * up, w_down.transpose(1, 2))
+@torch.compile(fullgraph=True, dynamic=False)
+def _gated(preact):
+    gate, up = preact.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+@torch.compile(fullgraph=True, dynamic=False)
+def _gated_backward(g, preact):
+    """(d preact, h) from g = dL/dh: one fused pass, h recomputed (as prmc's mlp_grad_rows does)."""
+    gate, up = preact.float().chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    g = g.float()
+    d_gate = g * up * sig * (1 + gate * (1 - sig))
+    return torch.cat([d_gate, g * silu], dim=-1).to(preact.dtype), (silu * up).to(preact.dtype)
+
+
+class BalancedExperts(torch.autograd.Function):
+    """The ceiling: the layer's six GEMMs on a perfectly balanced batch, ``x`` [E, n, H] -> [E, n, H], each one
+    cuBLAS ``bmm`` in the layout it needs (the weight gradients come out in the weights' own [E, 2I, H] / [E, H, I]
+    layout), the gated activation and its backward one fused Inductor pass each. Autograd's own bmm backward
+    would add transposed weight-gradient copies and unfused activation passes (v34's table: its fwd+bwd took
+    ~5x its forward), so the ceiling would measure those, not the GEMMs."""
+
+    @staticmethod
+    def forward(ctx, x, w_gate_up, w_down):
+        preact = torch.bmm(x, w_gate_up.transpose(1, 2))
+        ctx.save_for_backward(x, w_gate_up, w_down, preact)
+        return torch.bmm(_gated(preact), w_down.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w_gate_up, w_down, preact = ctx.saved_tensors
+        d_preact, h = _gated_backward(torch.bmm(grad, w_down), preact)
+        grad_w_down = torch.bmm(grad.transpose(1, 2), h)
+        del h
+        grad_x = torch.bmm(d_preact, w_gate_up)
+        return grad_x, torch.bmm(d_preact.transpose(1, 2), x), grad_w_down
 
 
 class SMClock:
@@ -199,7 +236,7 @@ def method_runs(name, tokens, device):
         "prmc": (lambda: prmc_compiled(x, ids, weights, w_gate_up, w_down), [x, weights, w_gate_up, w_down], grad_out),
         "tf grouped_mm+Inductor": (lambda: compiled(x, ids, weights), [x, weights, w_gate_up, w_down], grad_out),
         "tf eager loop": (lambda: tf_eager(x, ids, weights), [x, weights, w_gate_up, w_down], grad_out),
-        "cuBLAS bmm ceiling": (lambda: balanced_bmm(x_balanced, w_gate_up, w_down), [x_balanced, w_gate_up, w_down], grad_balanced),
+        "cuBLAS bmm ceiling": (lambda: BalancedExperts.apply(x_balanced, w_gate_up, w_down), [x_balanced, w_gate_up, w_down], grad_balanced),
     }  # fmt: skip
     return runs, flops
 
@@ -259,7 +296,7 @@ def breakdown_parts(name, tokens, device) -> dict:
     from prmc.kernels.gather_rows import gather_rows
     from prmc.kernels.grouped_gemm import grouped_gemm
     from prmc.kernels.mlp_grad_rows import mlp_grad_rows
-    from prmc.kernels.triton_moe import gathered_row_weight, weight_grad_gathers
+    from prmc.kernels.triton_moe import _combined_in_epilogue, gathered_row_weight, weight_grad_gathers
     from prmc.kernels.weight_grad import weight_grad
 
     hidden, inter, experts, top_k, _ = CONFIGS[name]
@@ -321,6 +358,20 @@ def breakdown_parts(name, tokens, device) -> dict:
             + [(f"{product} (CUTLASS)", (lambda: cutlass.k_grouped_mm(left, right, offsets), flops))]
         )
 
+    def combined(product, a, b, c, flops, combine_label, row_scale=None):
+        """A product that goes back to token order: its combine in the Gluon epilogue where the layer runs that
+        (_combined_in_epilogue; the output's allocation and zeroing included), the stored product and the combine
+        pass then alt lines; else those two, in the sum."""
+        stored = {
+            **ranked(*row_choices(product, a, b, c, flops)),
+            f"{product} combine{combine_label}": (lambda: combine_rows(c, inverse, top_k, offsets, row_scale), 0),
+        }
+        run = lambda: _combined_in_epilogue(a, offsets, b, rows, order, top_k, row_scale)  # noqa: E731
+        if run() is None:
+            return stored
+        alts = {(label if label.startswith("  alt") else "  alt " + label): part for label, part in stored.items()}
+        return {f"{product} (Gluon, combined)": (run, flops), **alts}
+
     def gather(src, label, copied):
         """src[rows] as its own pass: in the sum where the layer makes the copy, else an alt line (the copy that the
         lines "(Gluon)" and "(Triton TMA)" below it read)."""
@@ -340,9 +391,8 @@ def breakdown_parts(name, tokens, device) -> dict:
         **ranked(*row_choices("gate_up fwd", x_rows, w_gate_up.transpose(1, 2), preact, 2 * gemm, h, src=x)),
         "  alt gate_up fwd (Triton, gather on load)": (lambda: grouped_gemm("gate_up", x, offsets, w_gate_up.transpose(1, 2), preact, n=inter, a_rows=rows, h=h, gated=True), 2 * gemm),
         "  alt gate_up fwd (gather on load, no TMA)": (lambda: grouped_gemm("gate_up", x, offsets, w_gate_up.transpose(1, 2), preact, n=inter, a_rows=rows, h=h, gated=True, tma=False), 2 * gemm),
-        **ranked(*row_choices("down fwd", h, w_down.transpose(1, 2), y, gemm)),
+        **combined("down fwd", h, w_down.transpose(1, 2), y, gemm, " (scale)", scale),
         "  alt down fwd (CUTLASS)": (lambda: cutlass.row_grouped_mm(h, w_down.transpose(1, 2), offsets), gemm),
-        "down fwd combine (scale)": (lambda: combine_rows(y, inverse, top_k, offsets, scale), 0),
         **gather(grad_out, "gather grad_out rows", grad_out_copied),
         **ranked(*row_choices("down grad_h", grad_out_rows, w_down, g_alt, gemm, src=grad_out)),
         "  alt down grad_h (CUTLASS)": (lambda: cutlass.row_grouped_mm(grad_out_rows, w_down, offsets), gemm),
@@ -351,9 +401,8 @@ def breakdown_parts(name, tokens, device) -> dict:
         **ranked(*k_choices("down grad_w", grad_out_rows, hs, w_down.shape, gemm, gathered=(grad_out, hs, rows, None))),
         "  alt down grad_w (Triton TMA)": (lambda: weight_grad(grad_out_rows, hs, offsets, grad_w_down), gemm),
         "  alt down grad_w (Triton, gather on load)": (lambda: weight_grad(grad_out, hs, offsets, grad_w_down, left_rows=rows), gemm),
-        **ranked(*row_choices("gate_up grad_x", dpre, w_gate_up, y, 2 * gemm)),
+        **combined("gate_up grad_x", dpre, w_gate_up, y, 2 * gemm, ""),
         "  alt grad_x (CUTLASS)": (lambda: cutlass.row_grouped_mm(dpre, w_gate_up, offsets), 2 * gemm),
-        "gate_up grad_x combine": (lambda: combine_rows(y, inverse, top_k, offsets), 0),
         **gather(x, "gather x rows", x_copied_bwd),
         **ranked(*k_choices("gate_up grad_w", dpre, x_rows, w_gate_up.shape, 2 * gemm, per_expert=few_large,
                             gathered=(dpre, x, None, rows))),
@@ -477,6 +526,10 @@ def energy(name, tokens, device, ab: bool = False) -> None:
     print(f"  {name:22s} 1.4x steady needs the step at {need:.2f} TFLOP/J ({need / dense_tflop_per_j:.0%} of the dense "
           f"product's {dense_tflop_per_j:.2f}); prmc's step: {have:.2f} ({have / dense_tflop_per_j:.0%}); the GEMMs at the "
           f"dense product's TFLOP/J with no other pass would give {dense_tflop_per_j / tf_tflop_per_j:.2f}x", flush=True)
+    if "cuBLAS bmm ceiling" in step_mj:  # the same six GEMMs at the layer's own shapes, balanced, no routing
+        ceiling = flops["fwd+bwd"] / step_mj["cuBLAS bmm ceiling"] / 1e9
+        print(f"  {name:22s} the balanced cuBLAS ceiling's step: {ceiling:.2f} TFLOP/J ({ceiling / dense_tflop_per_j:.0%} of "
+              f"the dense product's), {ceiling / tf_tflop_per_j:.2f}x transformers' energy per FLOP", flush=True)
     total_ms = total_mj = 0.0
     for part, (fn, part_flops) in breakdown_parts(name, tokens, device).items():
         alt = part.startswith("  alt")
@@ -551,9 +604,9 @@ def table(data) -> str:
         "",
     ]
     for mode in ["fwd", "fwd+bwd"]:
-        header = " | ".join(METHODS) + " | prmc speed-up vs tf grouped_mm | prmc / ceiling TFLOP/s | SM MHz prmc; tf grouped_mm |"
+        header = " | ".join(METHODS) + " | prmc speed-up vs tf grouped_mm | prmc / ceiling TFLOP/s | ceiling speed-up vs tf grouped_mm | SM MHz prmc; tf grouped_mm |"
         lines += [f"## {mode}", "", "| config (H, I, E, k) | " + header]
-        lines.append("|---" * (len(METHODS) + 4) + "|")
+        lines.append("|---" * (len(METHODS) + 5) + "|")
         for name, res in data["results"].items():
             hidden, inter, experts, top_k, hot = CONFIGS[name]
             cells = []
@@ -563,9 +616,10 @@ def table(data) -> str:
             prmc, tf, ceil = (res.get(f"{m}|{mode}") for m in ("prmc", "tf grouped_mm+Inductor", "cuBLAS bmm ceiling"))
             speedup = _speedups(prmc, tf) if prmc and tf else "n/a"
             frac = f"{prmc['tflops'] / ceil['tflops']:.0%}" if prmc and ceil else "n/a"
+            ceil_speedup = f"{tf['ms'] / ceil['ms']:.2f}x" if tf and ceil else "n/a"
             clocks = "; ".join("/".join(str(c) for c in (r or {}).get("mhz_rounds", []) if c) or "n/a" for r in (prmc, tf))
             label = f"{name} ({hidden}, {inter}, {experts}, {top_k}{', ' + str(hot) + ' hot' if hot else ''})"
-            lines.append(f"| {label} | " + " | ".join(cells) + f" | {speedup} | {frac} | {clocks} |")
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {speedup} | {frac} | {ceil_speedup} | {clocks} |")
         lines.append("")
     return "\n".join(lines)
 
