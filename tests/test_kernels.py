@@ -182,7 +182,8 @@ def test_gluon_gemm_compiles_for_hopper(dtype, k_contig, gated, activation, gath
     """The Gluon row-grouped kernel as the store product and as the gated one (every activation), reading A through
     TMA or gathering its rows, and adding its rows into their tokens' (``combine``, with and without routing
     weights): a Gluon API change fails in CI, not on a user's GPU. Its PTX must hold the TMA copies (gathered: 16-byte
-    cp.async copies, waited for before the wgmma; combined: 16-byte reductions, no TMA store) and 256-wide wgmma
+    cp.async copies, waited for before the wgmma, each with a source size, so that rows past their group's end are
+    zero-filled without being read; combined: 16-byte reductions, no TMA store) and 256-wide wgmma
     products (gated: the gate and up tiles in one), its three warpgroups must meet only among themselves (128-thread
     named barriers: between them only mbarriers), its shared memory must fit a Hopper multiprocessor, and its SASS
     must never touch an accumulator while a wgmma may still write it (ptxas once hoisted the fp16 gated epilogue's
@@ -210,8 +211,9 @@ def test_gluon_gemm_compiles_for_hopper(dtype, k_contig, gated, activation, gath
     assert set(re.findall(r"bar\.sync\s+\w+, (\w+);", ptx)) == {"128"}
     assert "cp.async.bulk.tensor" in ptx and "wgmma.mma_async.sync.aligned.m64n256k16" in ptx  # gated: both halves
     assert ("cp.async.cg.shared.global" in ptx and "cp.async.wait_group" in ptx) == gather
-    if gather:  # 16 bytes per copy
-        assert set(re.findall(r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)", ptx)) == {"0x10"}
+    if gather:  # 16 bytes per copy, and a source size (0 past the group's end: ZERO_PAST)
+        copies = re.findall(r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)(, %r\w+)?;", ptx)
+        assert {size for size, _ in copies} == {"0x10"} and all(src_size for _, src_size in copies)
     reductions = set(re.findall(r"(?:red|atom)\.global\.\S*add\S*", ptx))  # (Triton 3.6 writes atom, 3.9 red)
     suffix = {"bf16": ".add.noftz.v8.bf16", "fp16": ".add.noftz.v8.f16"}[dtype]  # 16 bytes per reduction
     assert bool(reductions) == bool(combine) and all(r.endswith(suffix) for r in reductions), reductions
