@@ -53,3 +53,31 @@ def test_train_step_profile_parts():
     assert step_part(adam) == "optimizer"
     assert step_part("triton_poi_fused_index_put_masked_fill_new_zeros_scalar_tensor_8") == "model"
     assert step_part("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64") == "model"
+
+
+def test_moe_layer_ceiling_matches_autograd():
+    """The layer table's cuBLAS ceiling (benchmarks/moe_layer.py's BalancedExperts: the six GEMMs written out, the
+    gated activation fused) computes what autograd computes on the plain expression, and returns the weight
+    gradients in the weights' own layout (no transposed copies for the step to pay)."""
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        from moe_layer import BalancedExperts
+    finally:
+        sys.path.pop(0)
+    torch.manual_seed(0)
+    experts, rows, hidden, inter = 3, 5, 16, 12
+    x = torch.randn(experts, rows, hidden, requires_grad=True)
+    w_gate_up = torch.randn(experts, 2 * inter, hidden, requires_grad=True)
+    w_down = torch.randn(experts, hidden, inter, requires_grad=True)
+    grad = torch.randn(experts, rows, hidden)
+    gate, up = torch.bmm(x, w_gate_up.transpose(1, 2)).chunk(2, dim=-1)
+    expected = torch.bmm(torch.nn.functional.silu(gate) * up, w_down.transpose(1, 2))
+    expected_grads = torch.autograd.grad(expected, (x, w_gate_up, w_down), grad)
+    out = BalancedExperts.apply(x, w_gate_up, w_down)
+    grads = torch.autograd.grad(out, (x, w_gate_up, w_down), grad)
+    torch.testing.assert_close(out, expected)
+    for got, want, param in zip(grads, expected_grads, (x, w_gate_up, w_down)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert got.stride() == param.stride()
