@@ -172,7 +172,9 @@ if gluon is not None:
         ``rows[r] * stride``, in ``SliceLayout(1, layout)``; rows at and past ``limit`` (the row kernel: their group's
         end; the weight gradient: M) read the source's first row, which no output takes, or with ``ZERO_PAST`` get -8,
         which ``_copy_rows`` fills with zeros without reading (a 16-byte-aligned address all the same). Else nothing
-        (0). The launchers guarantee 16-byte rows (TMA's alignment), which cp.async needs to copy 16 bytes at a time."""
+        (0). The launchers guarantee 16-byte rows (TMA's alignment), which cp.async needs to copy 16 bytes at a time.
+        (The row kernel passes ZERO_PAST: every group's last tile has such rows. The weight gradient does not: only its
+        last k-step has any, and masking its copies compiled to more registers and instructions in its k-loop, v35.)"""
         if GATHER:
             r = first + gl.arange(0, COUNT, layout=gl.SliceLayout(1, layout))
             starts = gl.load(rows_ptr + r, mask=r < limit, other=0).to(gl.int64) * stride
