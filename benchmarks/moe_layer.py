@@ -38,6 +38,8 @@ import time
 
 import torch
 
+from prmc.kernels import reference
+
 CONFIGS = {  # name: (hidden, intermediate, experts, top_k, hot experts)
     "deepseek-v2-lite": (2048, 1408, 64, 6, 0),
     "olmoe": (2048, 1024, 64, 8, 0),
@@ -78,19 +80,16 @@ def transformers_experts(hidden, inter, experts, top_k, implementation):
 
 @torch.compile(fullgraph=True, dynamic=False)
 def _gated(preact):
-    gate, up = preact.chunk(2, dim=-1)
-    return torch.nn.functional.silu(gate) * up
+    return reference.activate(preact, "silu", True)
 
 
 @torch.compile(fullgraph=True, dynamic=False)
 def _gated_backward(g, preact):
-    """(d preact, h) from g = dL/dh: one fused pass, h recomputed (as prmc's mlp_grad_rows does)."""
-    gate, up = preact.float().chunk(2, dim=-1)
-    sig = torch.sigmoid(gate)
-    silu = gate * sig
-    g = g.float()
-    d_gate = g * up * sig * (1 + gate * (1 - sig))
-    return torch.cat([d_gate, g * silu], dim=-1).to(preact.dtype), (silu * up).to(preact.dtype)
+    """(d preact, h) from g = dL/dh: the reference's activation backward as one fused pass, h recomputed (as prmc's
+    mlp_grad_rows does)."""
+    p = preact.float()
+    d_preact = reference.activate_backward(g.float(), p, "silu", True)
+    return d_preact.to(preact.dtype), reference.activate(p, "silu", True).to(preact.dtype)
 
 
 class BalancedExperts(torch.autograd.Function):
