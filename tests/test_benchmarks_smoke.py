@@ -7,6 +7,7 @@ data-dependent size), so the experts run transformers' eager loop, and aot_eager
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -17,6 +18,15 @@ import pytest
 pytest.importorskip("transformers")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def benchmark_module(name: str):
+    """benchmarks/<name>.py imported as a module (the folder is not a package)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
 
 
 def test_train_step_smoke(tmp_path):
@@ -40,11 +50,7 @@ def test_train_step_smoke(tmp_path):
 def test_train_step_profile_parts():
     """--profile's grouping of a step's kernels, on names seen in an H100 profile (results/train_step_profile_v30.txt):
     prmc's kernels before the CUTLASS ones (the Gluon row kernel's name holds "grouped"), the fused AdamW, the rest."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        from train_step import step_part
-    finally:
-        sys.path.pop(0)
+    step_part = benchmark_module("train_step").step_part
     cutlass = "_ZN7cutlass13device_kernelIN2at4cuda6detail25enable_3x_kernel_for_sm9xINS_4gemm6kernel13GemmUniversal"
     adam = "void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>, FusedAdamMathFunctor<bf16>>"
     prmc_kernels = ("grouped_gemm_kernel", "weight_grad_kernel", "combine_rows_kernel", "scatter_kernel")
@@ -61,11 +67,7 @@ def test_moe_layer_ceiling_matches_autograd():
     gradients in the weights' own layout (no transposed copies for the step to pay)."""
     import torch
 
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        from moe_layer import BalancedExperts
-    finally:
-        sys.path.pop(0)
+    BalancedExperts = benchmark_module("moe_layer").BalancedExperts
     torch.manual_seed(0)
     experts, rows, hidden, inter = 3, 5, 16, 12
     x = torch.randn(experts, rows, hidden, requires_grad=True)
