@@ -169,22 +169,31 @@ def test_accumulator_reads_in_flight_finds_a_read_before_the_wait():
     assert accumulator_reads_in_flight(sass(hgmma, wait1, "USETMAXREG.DEALLOC.CTAPOOL 0x78 ;", read)) == []
 
 
-@pytest.mark.parametrize(
-    "dtype, k_contig, gated, activation, gather, combine",
+# (dtype, k_contig, gated, activation, gather, combine) of the Gluon row kernel: each with claimed tiles (CLAIM, the
+# fine-grained experts'), and the layer's four products also with fixed shares (experts larger than half the L2)
+GLUON_GEMM_CASES = (
     [("bf16", k_contig, gated, "silu", False, None) for k_contig in (True, False) for gated in (False, True)]
     + [("bf16", True, True, activation, False, None) for activation in ("gelu", "gelu_tanh", "relu")]
     + [("bf16", False, False, "silu", True, None), ("bf16", True, True, "silu", True, None)]  # grad_h, gate_up fwd: gathered
     + [("fp16", True, True, "silu", False, None), ("fp16", True, True, "silu", True, None), ("fp16", False, True, "relu", False, None)]
     + [("bf16", False, False, "silu", False, "scaled"), ("bf16", True, False, "silu", False, "unscaled")]  # down fwd, grad_x
-    + [("fp16", False, False, "silu", False, "scaled")],
+    + [("fp16", False, False, "silu", False, "scaled")]
 )  # fmt: skip
-def test_gluon_gemm_compiles_for_hopper(dtype, k_contig, gated, activation, gather, combine):
+LAYER_PRODUCTS = [("bf16", True, True, "silu", True, None), ("bf16", False, False, "silu", False, "scaled"),
+                  ("bf16", False, False, "silu", True, None), ("bf16", True, False, "silu", False, "unscaled")]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "dtype, k_contig, gated, activation, gather, combine, claim",
+    [(*case, True) for case in GLUON_GEMM_CASES] + [(*case, False) for case in LAYER_PRODUCTS],
+)
+def test_gluon_gemm_compiles_for_hopper(dtype, k_contig, gated, activation, gather, combine, claim):
     """The Gluon row-grouped kernel as the store product and as the gated one (every activation), reading A through
     TMA or gathering its rows, and adding its rows into their tokens' (``combine``, with and without routing
     weights): a Gluon API change fails in CI, not on a user's GPU. Its PTX must hold the TMA copies (gathered: 16-byte
     cp.async copies, waited for before the wgmma, each with a source size, so that rows past their group's end are
-    zero-filled without being read; combined: 16-byte reductions, no TMA store) and 256-wide wgmma
-    products (gated: the gate and up tiles in one), its three warpgroups must meet only among themselves (128-thread
+    zero-filled without being read; combined: 16-byte reductions, no TMA store; claimed tiles: one 32-bit atomic add)
+    and 256-wide wgmma products (gated: the gate and up tiles in one), its three warpgroups must meet only among themselves (128-thread
     named barriers: between them only mbarriers), its shared memory must fit a Hopper multiprocessor, and its SASS
     must never touch an accumulator while a wgmma may still write it (ptxas once hoisted the fp16 gated epilogue's
     reads: v20)."""
@@ -196,14 +205,14 @@ def test_gluon_gemm_compiles_for_hopper(dtype, k_contig, gated, activation, gath
     b_block = [block_n, gg.BLOCK_K] if k_contig else [gg.BLOCK_K, block_n]
     constants = dict(
         K_CONTIG=k_contig, GATED=gated, ACTIVATION=activation, GATHER=gather, COMBINE=combine is not None,
-        SCALED=combine == "scaled", STAGES=gg.STAGES, GROUP=gg.GROUP, REGISTERS=gg.REGISTERS,
+        SCALED=combine == "scaled", CLAIM=claim, STAGES=gg.STAGES, GROUP=gg.GROUP, REGISTERS=gg.REGISTERS,
     )  # fmt: skip
     c_block = (dtype, [gg.SUB_M, gg.PIECE])
     signature = dict(
         a_desc=(dtype, [gg.SUB_M, gg.BLOCK_K]), b_desc=(dtype, b_block), c_desc=c_block, h_desc=c_block,
         a_ptr=f"*{dtype}", stride_am="i32", a_rows_ptr="*i64", c_ptr=f"*{dtype}", stride_cm="i32", h_ptr=f"*{dtype}",
         stride_hm="i32", tokens_ptr="*i64", scale_ptr=f"*{dtype}", offsets_ptr="*i32", M="i32", N="i32",
-        K="i32", E="i32",
+        K="i32", E="i32", next_tile_ptr="*i32",
     )  # fmt: skip
     kernel = compile_for_hopper(gg.grouped_gemm_kernel, signature, constants, maxnreg=gg.REGISTERS)
     assert accumulator_reads_in_flight(cuobjdump(kernel, "-sass")) == []
@@ -214,7 +223,10 @@ def test_gluon_gemm_compiles_for_hopper(dtype, k_contig, gated, activation, gath
     if gather:  # 16 bytes per copy, and a source size (0 past the group's end: ZERO_PAST)
         copies = re.findall(r"cp\.async\.cg\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)(, %r\w+)?;", ptx)
         assert {size for size, _ in copies} == {"0x10"} and all(src_size for _, src_size in copies)
-    reductions = set(re.findall(r"(?:red|atom)\.global\.\S*add\S*", ptx))  # (Triton 3.6 writes atom, 3.9 red)
+    atomics = re.findall(r"(?:red|atom)\.global\.\S*add\S*", ptx)  # (Triton 3.6 writes the reductions as atom, 3.9 red)
+    claims = [a for a in atomics if a.endswith(".u32")]
+    assert len(claims) == claim  # (CLAIM: warpgroup 0's claim of the next tile, _claim_tile)
+    reductions = set(atomics) - set(claims)
     suffix = {"bf16": ".add.noftz.v8.bf16", "fp16": ".add.noftz.v8.f16"}[dtype]  # 16 bytes per reduction
     assert bool(reductions) == bool(combine) and all(r.endswith(suffix) for r in reductions), reductions
     assert ("cp.async.bulk.tensor.2d.global.shared" in ptx) != bool(combine)  # (combined: no TMA store)

@@ -50,6 +50,20 @@ and Mixtral's 1.7% faster in sum; OLMoE level (~1024 rows per expert leave its l
 skewed Qwen3 1% slower. Dense, the tile ran 11-15% faster than the 128 x 256 one and 3-7% faster than cuBLAS on the
 layers' shapes (results/gluon_tile_192x256_v20.log).
 
+Claimed tiles (``CLAIM``, where one expert's weight fits in half the L2: the fine-grained layers): a group's last
+row tile holds fewer than 192 rows, and a warpgroup whose 64 rows all lie past the group's end runs no wgmma (the
+same waits, copies and releases, so the stage barriers still count three). Its tile then finishes early, so a program
+does not run a fixed share of the tiles (``pid + i * programs``) but claims its next one from a counter while it runs
+one (warpgroup 0, by an atomic add, handed to the other two through shared memory): the tiles start in the order of
+their numbers, and those that share an operand block still run side by side and find it in L2. The skip alone (fixed
+shares) lost up to 8%: the programs holding the faster last tiles ran ahead of their neighbours, and A and B were read
+from HBM 53-57% more (v37); on OLMoE and Qwen3 (6 and 3 row tiles per group, 132 programs) the same 22 or 44 programs
+hold every last tile in every wave. The claim alone costs 1-3% (warpgroup 0 waits for its atomic). Both together
+(H100, three A/B runs, results/ab_claim_v38.log, ab_claim2_v38.log, ab_rot_v38.log; bitwise-equal stored outputs):
+the four row products in sum 0.966-0.970x the time on OLMoE, 0.985-0.989x on DeepSeek-V2-Lite, 0.990-0.996x on Qwen3,
+0.981-0.992x on the skewed Qwen3, but 1.018-1.046x on Mixtral (whose experts' 117-235 MB stream through L2 in step
+only while every tile runs its full k-loop at the same pace), which keeps fixed shares and every wgmma.
+
 Where it runs (``weight_operand``): CUDA sm90 (``wgmma`` is sm90a's), bf16/fp16, A and C (and h) read and
 written through TMA (gathered: A's rows 16-byte aligned, K whole k-steps), at least two k-steps, and B laid out so
 that a 2-D view ``[E * N, K]`` (K contiguous) or ``[E * K, N]`` (N contiguous) never lets a tile reach into the next
@@ -269,8 +283,9 @@ if gluon is not None:
 
     @gluon.jit
     def _consume(a_bufs, b_bufs, ready, empty, acc, consumed, use_acc, WHICH: gl.constexpr, K_CONTIG: gl.constexpr,
-                 GATHER: gl.constexpr, DRAIN: gl.constexpr):  # fmt: skip
-        """This warpgroup's wgmma of step ``consumed`` once its tiles have landed (gathered: its own copies too, and
+                 GATHER: gl.constexpr, DRAIN: gl.constexpr, ACTIVE: gl.constexpr = True):  # fmt: skip
+        """This warpgroup's wgmma of step ``consumed`` (none unless ``ACTIVE``) once its tiles have landed (gathered:
+        its own copies too, and
         the warpgroup has met so every thread's are seen); returns with at most that wgmma in flight (none when
         ``DRAIN``), having released the stage of the step before (``use_acc``: one was in this tile) and met again
         (gathered) so that the copies about to overwrite that stage come after every warp's wgmma read it.
@@ -284,12 +299,13 @@ if gluon is not None:
         s = consumed % STAGES
         _landed(GATHER, STAGES - 2)  # (the next step's copies may be in flight)
         mbarrier.wait(ready.index(s), (consumed // STAGES) & 1)
-        b_tile = b_bufs.index(s).permute((1, 0)) if K_CONTIG else b_bufs.index(s)
-        acc = warpgroup_mma(a_bufs.index(s * CONSUMERS + WHICH), b_tile, acc, use_acc=use_acc, is_async=True)
-        if DRAIN:
-            acc = warpgroup_mma_wait(0, (acc,))
-        else:
-            acc = warpgroup_mma_wait(1, (acc,))
+        if ACTIVE:
+            b_tile = b_bufs.index(s).permute((1, 0)) if K_CONTIG else b_bufs.index(s)
+            acc = warpgroup_mma(a_bufs.index(s * CONSUMERS + WHICH), b_tile, acc, use_acc=use_acc, is_async=True)
+            if DRAIN:
+                acc = warpgroup_mma_wait(0, (acc,))
+            else:
+                acc = warpgroup_mma_wait(1, (acc,))
         mbarrier.arrive(empty.index((consumed + STAGES - 1) % STAGES), count=1, pred=use_acc)
         _free(GATHER)
         return acc
@@ -337,23 +353,143 @@ if gluon is not None:
         gl.atomic_add(out_ptr + start[:, None] + cols[None, :], piece, sem="relaxed")
 
     @gluon.jit
+    def _tile_steps(a_desc, b_desc, a_bufs, b_bufs, ready, empty, acc, produced, consumed, kt, off_m, b_row, pid_n, N,
+                    K, a_ptr, a_index, a_rows_ptr, stride_am, e, first, row_begin, row_end, group_tiles, offsets_ptr, E,
+                    num_n, n_t, next_bufs, next_ready, next_free, i, total, WHICH: gl.constexpr,
+                    K_CONTIG: gl.constexpr, GATED: gl.constexpr, GATHER: gl.constexpr, ACTIVE: gl.constexpr,
+                    BLOCK_M: gl.constexpr, GROUP: gl.constexpr, store_layout: gl.constexpr):  # fmt: skip
+        """``CLAIM``'s k-steps of a tile (its first is step ``consumed``), the last one drained, each loading the step
+        LEAD ahead: the tile's own, then those of the next tile (``n_t``: warpgroup 0's claim; the others read it here),
+        whose tile number and walk state it returns with the accumulator. Not ``ACTIVE`` (this warpgroup's rows all lie
+        past the group's end): the same waits, copies and releases without the wgmma."""
+        SUB_M: gl.constexpr = a_desc.block_type.shape[0]
+        BN: gl.constexpr = b_desc.block_type.shape[0 if K_CONTIG else 1]
+        LEAD: gl.constexpr = ready.shape[0] - 1
+        for k in range(kt - LEAD):
+            acc = _consume(a_bufs, b_bufs, ready, empty, acc, consumed + k, k > 0, WHICH, K_CONTIG, GATHER, False,
+                           ACTIVE)  # fmt: skip
+            _fill(a_desc, b_desc, a_bufs, b_bufs, ready, empty, produced + k, off_m, b_row, pid_n * BN, N, k + LEAD,
+                  True, a_ptr, a_index, WHICH, K_CONTIG, GATED, GATHER, store_layout)  # fmt: skip
+        # The next tile's first loads go out under this tile's last k-steps and its epilogue.
+        if WHICH != 0:
+            n_t = _claimed_tile(next_bufs, next_ready, next_free, i)
+        more = n_t < total
+        n_e, n_first, n_row_begin, n_row_end, n_group_tiles, n_off_m, n_pid_n, n_b_row = _locate(
+            n_t, e, first, row_begin, row_end, group_tiles, offsets_ptr, E, N, K, num_n, BLOCK_M, GROUP,
+            K_CONTIG, GATED,
+        )  # fmt: skip
+        a_index = _row_starts(a_rows_ptr, n_off_m + SUB_M * WHICH, n_row_end, stride_am, SUB_M, GATHER, store_layout,
+                              True)  # fmt: skip
+        for j in gl.static_range(LEAD):
+            acc = _consume(a_bufs, b_bufs, ready, empty, acc, consumed + kt - LEAD + j, kt - LEAD + j > 0, WHICH,
+                           K_CONTIG, GATHER, j == LEAD - 1, ACTIVE)  # fmt: skip
+            _fill(a_desc, b_desc, a_bufs, b_bufs, ready, empty, produced + kt - LEAD + j, n_off_m, n_b_row,
+                  n_pid_n * BN, N, j, more, a_ptr, a_index, WHICH, K_CONTIG, GATED, GATHER, store_layout)  # fmt: skip
+        return acc, n_t, n_e, n_first, n_row_begin, n_row_end, n_group_tiles, n_off_m, n_pid_n, n_b_row, a_index
+
+    @gluon.jit
+    def _claim_tile(next_tile_ptr, programs, next_bufs, next_ready, next_free, i):
+        """Warpgroup 0, at the start of a program's ``i``-th tile: the tile it runs next, taken from the launch's
+        counter (its first tiles are the programs' ids, so the counter starts at ``programs``), and handed to the
+        other two warpgroups through slot ``i % 2`` of ``next_bufs`` behind ``next_ready`` (``next_free``: both have
+        read the slot's last tile).
+
+        Taken, not computed: tiles start in the order of their numbers however long each program's tiles took, so the
+        tiles that read one operand block (neighbours in that order) still run at about the same time and find it in
+        L2 when a group's last tiles run faster than whole ones (``CLAIM``'s wgmma skip). With a fixed share per program
+        (tile ``pid + i * programs``) the programs holding those tiles run ahead, the others read A and B from HBM
+        again (v37 (c)), and on the fine-grained layers the same tiles fall to the same programs in every wave (132
+        programs, 6 or 3 row tiles per group). NOTE: warpgroup 0 waits here for the atomic's round trip to L2 (its
+        loads for this tile's first steps are already out)."""
+        slot = i % 2
+        mbarrier.wait(next_free.index(slot), ((i // 2) & 1) ^ 1)
+        n_t = gl.atomic_add(next_tile_ptr, 1, sem="relaxed") + programs
+        layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        next_bufs.index(slot).store(gl.full([1], n_t, gl.int32, layout))
+        _cta_barrier()  # (every thread's store before the arrive)
+        mbarrier.arrive(next_ready.index(slot), count=1)
+        return n_t
+
+    @gluon.jit
+    def _claimed_tile(next_bufs, next_ready, next_free, i):
+        """Warpgroups 1 and 2, at the end of their ``i``-th tile: the tile warpgroup 0 claimed next
+        (``_claim_tile``)."""
+        slot = i % 2
+        mbarrier.wait(next_ready.index(slot), (i // 2) & 1)
+        layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        n_t = gl.max(next_bufs.index(slot).load(layout), axis=0)
+        _cta_barrier()  # (every thread's read before the arrive)
+        mbarrier.arrive(next_free.index(slot), count=1)
+        return n_t
+
+    @gluon.jit
+    def _tile_start(off_m, row_end, scale_ptr, tokens_ptr, M, SUB_M: gl.constexpr, WIDTH: gl.constexpr,
+                    WHICH: gl.constexpr, COMBINE: gl.constexpr, SCALED: gl.constexpr, acc_layout: gl.constexpr,
+                    store_layout: gl.constexpr):  # fmt: skip
+        """Warpgroup ``WHICH``'s zeroed accumulator (SUB_M x WIDTH) for the tile at ``off_m``, its first row, and
+        (``COMBINE``) its rows' weights and tokens, looked up before the k-loop so that the epilogue does not wait for
+        them."""
+        # (a fresh accumulator per tile: one carried from the last would stay live through the epilogue)
+        acc = gl.zeros((SUB_M, WIDTH), dtype=gl.float32, layout=acc_layout)
+        row = off_m + SUB_M * WHICH
+        weights = 0
+        tokens = 0
+        if COMBINE:
+            weights = _row_weights(scale_ptr, row, row_end, M, SUB_M, SCALED, acc_layout)
+            tokens = _row_tokens(tokens_ptr, row, M, SUB_M, store_layout)
+        return acc, row, weights, tokens
+
+    @gluon.jit
+    def _epilogue(acc, weights, tokens, row, row_end, off_n, buf, c_desc, h_desc, c_ptr, stride_cm, h_ptr, stride_hm, N,
+                  GATED: gl.constexpr, ACTIVATION: gl.constexpr, COMBINE: gl.constexpr, SCALED: gl.constexpr,
+                  store_layout: gl.constexpr):  # fmt: skip
+        """A warpgroup's 64 rows of a tile (``acc``, the tile's columns from ``off_n``) into the outputs: stored (by TMA
+        within the group, masked past its end), gated (preact and h), or added into their tokens' rows (``COMBINE``:
+        ``weights`` and ``tokens`` from ``_row_weights`` and ``_row_tokens``)."""
+        SUB_M: gl.constexpr = acc.shape[0]
+        BN: gl.constexpr = acc.shape[1] // (1 + GATED)
+        dtype: gl.constexpr = c_desc.dtype
+        full = row + SUB_M <= row_end
+        # The accumulator's halves (gated: the gate and up tiles; else 128 columns each): each thread holds
+        # column j of both, so the split moves no data.
+        if SCALED or (COMBINE and not full):  # (routing weights before rounding; another group's rows zeroed)
+            acc = acc * weights[:, None]
+        lo, hi = acc.reshape([SUB_M, 2, BN * (1 + GATED) // 2]).permute((0, 2, 1)).split()
+        lo = lo.to(dtype)
+        hi = hi.to(dtype)
+        if GATED:
+            # preact rounded to the output dtype, and h from the rounded values (as the reference does)
+            h = (activation(lo.to(gl.float32), ACTIVATION) * hi.to(gl.float32)).to(dtype)
+            _store_piece(c_desc, buf, lo, row, off_n, row_end, N, c_ptr, stride_cm, full, store_layout)
+            _store_piece(c_desc, buf, hi, row, N + off_n, row_end, 2 * N, c_ptr, stride_cm, full, store_layout)
+            _store_piece(h_desc, buf, h, row, off_n, row_end, N, h_ptr, stride_hm, full, store_layout)
+        elif COMBINE:
+            _add_piece(buf, lo, off_n, c_ptr, stride_cm, tokens, store_layout)
+            _add_piece(buf, hi, off_n + BN // 2, c_ptr, stride_cm, tokens, store_layout)
+        else:
+            _store_piece(c_desc, buf, lo, row, off_n, row_end, N, c_ptr, stride_cm, full, store_layout)
+            _store_piece(c_desc, buf, hi, row, off_n + BN // 2, row_end, N, c_ptr, stride_cm, full, store_layout)
+
+    @gluon.jit
     def _partition(args, WHICH: gl.constexpr, K_CONTIG: gl.constexpr, GATED: gl.constexpr, ACTIVATION: gl.constexpr,
-                   GATHER: gl.constexpr, COMBINE: gl.constexpr, SCALED: gl.constexpr, GROUP: gl.constexpr):  # fmt: skip
+                   GATHER: gl.constexpr, COMBINE: gl.constexpr, SCALED: gl.constexpr, CLAIM: gl.constexpr,
+                   GROUP: gl.constexpr):  # fmt: skip
         """Warpgroup ``WHICH`` of the three: rows ``64 * WHICH ..`` of every tile of this program; warpgroup 0 also
-        issues the TMA loads, STAGES - 1 steps ahead of its wgmma, through every tile's epilogue."""
+        issues the TMA loads, STAGES - 1 steps ahead of its wgmma, through every tile's epilogue. A program's tiles:
+        ``pid + i * programs``, or (``CLAIM``) the next claimed while it runs one (``_claim_tile``), with a
+        warpgroup's wgmma skipped where its rows all lie past the group's end."""
         (a_desc, b_desc, c_desc, h_desc, a_ptr, stride_am, a_rows_ptr, c_ptr, stride_cm, h_ptr, stride_hm,
-         tokens_ptr, scale_ptr, offsets_ptr, M, N, K, E, total, a_bufs, b_bufs, c_bufs, ready,
-         empty) = args  # fmt: skip
+         tokens_ptr, scale_ptr, offsets_ptr, M, N, K, E, total, a_bufs, b_bufs, c_bufs, ready, empty, next_tile_ptr,
+         next_bufs, next_ready, next_free) = args  # fmt: skip
         SUB_M: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = b_desc.block_type.shape[0 if K_CONTIG else 1]  # (gated: of each half)
         STAGES: gl.constexpr = ready.shape[0]
         BLOCK_M: gl.constexpr = SUB_M * c_bufs.shape[0]
         LEAD: gl.constexpr = STAGES - 1  # steps loaded ahead of the wgmma
-        dtype: gl.constexpr = a_desc.dtype
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN * (1 + GATED), 16]
-        )
+        WIDTH: gl.constexpr = BN * (1 + GATED)  # (the accumulator's columns)
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, WIDTH, 16])  # fmt: skip
         # (also the gathered A tile's: 8 elements, one 16-byte copy, per thread along its row of 64)
         store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         num_n = gl.cdiv(N, BN)
@@ -375,64 +511,74 @@ if gluon is not None:
         a_index = _row_starts(a_rows_ptr, off_m + SUB_M * WHICH, row_end, stride_am, SUB_M, GATHER, store_layout, True)
         produced = 0
         consumed = 0
+        if CLAIM:
+            any_tile = t < total
+        else:
+            any_tile = my_tiles > 0
         for j in gl.static_range(LEAD):
-            _fill(a_desc, b_desc, a_bufs, b_bufs, ready, empty, produced, off_m, b_row, pid_n * BN, N, j, my_tiles > 0,
+            _fill(a_desc, b_desc, a_bufs, b_bufs, ready, empty, produced, off_m, b_row, pid_n * BN, N, j, any_tile,
                   a_ptr, a_index, WHICH, K_CONTIG, GATED, GATHER, store_layout)  # fmt: skip
             produced += 1
 
-        for i in range(my_tiles):
-            # (a fresh accumulator per tile: one carried from the last would stay live through the epilogue)
-            acc = gl.zeros((SUB_M, BN * (1 + GATED)), dtype=gl.float32, layout=acc_layout)
-            row = off_m + SUB_M * WHICH
-            if COMBINE:  # (looked up before the k-loop, so that the epilogue does not wait for them)
-                weights = _row_weights(scale_ptr, row, row_end, M, SUB_M, SCALED, acc_layout)
-                tokens = _row_tokens(tokens_ptr, row, M, SUB_M, store_layout)
-            for k in range(kt - LEAD):
-                acc = _consume(a_bufs, b_bufs, ready, empty, acc, consumed, k > 0, WHICH, K_CONTIG, GATHER, False)
-                _fill(a_desc, b_desc, a_bufs, b_bufs, ready, empty, produced, off_m, b_row, pid_n * BN, N, k + LEAD,
-                      True, a_ptr, a_index, WHICH, K_CONTIG, GATED, GATHER, store_layout)  # fmt: skip
-                produced += 1
-                consumed += 1
-            # The next tile's first loads go out under this tile's last k-steps and its epilogue.
-            n_t = t + programs
-            n_e, n_first, n_row_begin, n_row_end, n_group_tiles, n_off_m, n_pid_n, n_b_row = _locate(
-                n_t, e, first, row_begin, row_end, group_tiles, offsets_ptr, E, N, K, num_n, BLOCK_M, GROUP, K_CONTIG,
-                GATED,
-            )  # fmt: skip
-            a_index = _row_starts(a_rows_ptr, n_off_m + SUB_M * WHICH, n_row_end, stride_am, SUB_M, GATHER,
-                                  store_layout, True)  # fmt: skip
-            for j in gl.static_range(LEAD):
-                acc = _consume(a_bufs, b_bufs, ready, empty, acc, consumed, kt - LEAD + j > 0, WHICH, K_CONTIG, GATHER,
-                               j == LEAD - 1)  # fmt: skip
-                _fill(a_desc, b_desc, a_bufs, b_bufs, ready, empty, produced, n_off_m, n_b_row, n_pid_n * BN, N, j,
-                      i + 1 < my_tiles, a_ptr, a_index, WHICH, K_CONTIG, GATED, GATHER, store_layout)  # fmt: skip
-                produced += 1
-                consumed += 1
-            mbarrier.arrive(empty.index((consumed + STAGES - 1) % STAGES), count=1)  # (the tile's last step drained)
+        if CLAIM:
+            i = 0
+            while t < total:
+                if WHICH == 0:  # (read by the other two at this tile's end)
+                    n_t = _claim_tile(next_tile_ptr, programs, next_bufs, next_ready, next_free, i)
+                else:
+                    n_t = t  # (the claimed one is read in _tile_steps)
+                acc, row, weights, tokens = _tile_start(off_m, row_end, scale_ptr, tokens_ptr, M, SUB_M, WIDTH, WHICH,
+                                                        COMBINE, SCALED, acc_layout, store_layout)  # fmt: skip
+                steps = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, acc, produced, consumed, kt, off_m, b_row, pid_n,
+                         N, K, a_ptr, a_index, a_rows_ptr, stride_am, e, first, row_begin, row_end, group_tiles,
+                         offsets_ptr, E, num_n, n_t, next_bufs, next_ready, next_free, i, total)  # fmt: skip
+                # Warpgroup 0's rows start every tile; the others run no wgmma where their rows all lie past the end.
+                if WHICH == 0:
+                    walk = _tile_steps(*steps, WHICH, K_CONTIG, GATED, GATHER, True, BLOCK_M, GROUP, store_layout)
+                elif row < row_end:
+                    walk = _tile_steps(*steps, WHICH, K_CONTIG, GATED, GATHER, True, BLOCK_M, GROUP, store_layout)
+                else:
+                    walk = _tile_steps(*steps, WHICH, K_CONTIG, GATED, GATHER, False, BLOCK_M, GROUP, store_layout)
+                acc, n_t, n_e, n_first, n_row_begin, n_row_end, n_group_tiles, n_off_m, n_pid_n, n_b_row, a_index = walk
+                produced += kt
+                consumed += kt
+                mbarrier.arrive(empty.index((consumed + STAGES - 1) % STAGES), count=1)  # (the last step drained)
+                _epilogue(acc, weights, tokens, row, row_end, pid_n * BN, buf, c_desc, h_desc, c_ptr, stride_cm, h_ptr,
+                          stride_hm, N, GATED, ACTIVATION, COMBINE, SCALED, store_layout)  # fmt: skip
+                t, e, first, row_begin, row_end, group_tiles = n_t, n_e, n_first, n_row_begin, n_row_end, n_group_tiles
+                off_m, pid_n, b_row = n_off_m, n_pid_n, n_b_row
+                i += 1
+        else:
+            for i in range(my_tiles):
+                acc, row, weights, tokens = _tile_start(off_m, row_end, scale_ptr, tokens_ptr, M, SUB_M, WIDTH, WHICH,
+                                                        COMBINE, SCALED, acc_layout, store_layout)  # fmt: skip
+                for k in range(kt - LEAD):
+                    acc = _consume(a_bufs, b_bufs, ready, empty, acc, consumed, k > 0, WHICH, K_CONTIG, GATHER, False)
+                    _fill(a_desc, b_desc, a_bufs, b_bufs, ready, empty, produced, off_m, b_row, pid_n * BN, N, k + LEAD,
+                          True, a_ptr, a_index, WHICH, K_CONTIG, GATED, GATHER, store_layout)  # fmt: skip
+                    produced += 1
+                    consumed += 1
+                # The next tile's first loads go out under this tile's last k-steps and its epilogue.
+                n_t = t + programs
+                n_e, n_first, n_row_begin, n_row_end, n_group_tiles, n_off_m, n_pid_n, n_b_row = _locate(
+                    n_t, e, first, row_begin, row_end, group_tiles, offsets_ptr, E, N, K, num_n, BLOCK_M, GROUP,
+                    K_CONTIG, GATED,
+                )  # fmt: skip
+                a_index = _row_starts(a_rows_ptr, n_off_m + SUB_M * WHICH, n_row_end, stride_am, SUB_M, GATHER,
+                                      store_layout, True)  # fmt: skip
+                for j in gl.static_range(LEAD):
+                    acc = _consume(a_bufs, b_bufs, ready, empty, acc, consumed, kt - LEAD + j > 0, WHICH, K_CONTIG,
+                                   GATHER, j == LEAD - 1)  # fmt: skip
+                    _fill(a_desc, b_desc, a_bufs, b_bufs, ready, empty, produced, n_off_m, n_b_row, n_pid_n * BN, N, j,
+                          i + 1 < my_tiles, a_ptr, a_index, WHICH, K_CONTIG, GATED, GATHER, store_layout)  # fmt: skip
+                    produced += 1
+                    consumed += 1
+                mbarrier.arrive(empty.index((consumed + STAGES - 1) % STAGES), count=1)  # (the last step drained)
 
-            off_n = pid_n * BN
-            full = row + SUB_M <= row_end
-            # The accumulator's halves (gated: the gate and up tiles; else 128 columns each): each thread holds
-            # column j of both, so the split moves no data.
-            if SCALED or (COMBINE and not full):  # (routing weights before rounding; another group's rows zeroed)
-                acc = acc * weights[:, None]
-            lo, hi = acc.reshape([SUB_M, 2, BN * (1 + GATED) // 2]).permute((0, 2, 1)).split()
-            lo = lo.to(dtype)
-            hi = hi.to(dtype)
-            if GATED:
-                # preact rounded to the output dtype, and h from the rounded values (as the reference does)
-                h = (activation(lo.to(gl.float32), ACTIVATION) * hi.to(gl.float32)).to(dtype)
-                _store_piece(c_desc, buf, lo, row, off_n, row_end, N, c_ptr, stride_cm, full, store_layout)
-                _store_piece(c_desc, buf, hi, row, N + off_n, row_end, 2 * N, c_ptr, stride_cm, full, store_layout)
-                _store_piece(h_desc, buf, h, row, off_n, row_end, N, h_ptr, stride_hm, full, store_layout)
-            elif COMBINE:
-                _add_piece(buf, lo, off_n, c_ptr, stride_cm, tokens, store_layout)
-                _add_piece(buf, hi, off_n + BN // 2, c_ptr, stride_cm, tokens, store_layout)
-            else:
-                _store_piece(c_desc, buf, lo, row, off_n, row_end, N, c_ptr, stride_cm, full, store_layout)
-                _store_piece(c_desc, buf, hi, row, off_n + BN // 2, row_end, N, c_ptr, stride_cm, full, store_layout)
-            t, e, first, row_begin, row_end, group_tiles = n_t, n_e, n_first, n_row_begin, n_row_end, n_group_tiles
-            off_m, pid_n, b_row = n_off_m, n_pid_n, n_b_row
+                _epilogue(acc, weights, tokens, row, row_end, pid_n * BN, buf, c_desc, h_desc, c_ptr, stride_cm, h_ptr,
+                          stride_hm, N, GATED, ACTIVATION, COMBINE, SCALED, store_layout)  # fmt: skip
+                t, e, first, row_begin, row_end, group_tiles = n_t, n_e, n_first, n_row_begin, n_row_end, n_group_tiles
+                off_m, pid_n, b_row = n_off_m, n_pid_n, n_b_row
         tma.store_wait(pendings=0)
         if GATHER:
             async_copy.wait_group(0)  # (the last tile's lookahead copies, of no tile)
@@ -448,10 +594,10 @@ if gluon is not None:
 
     @gluon.jit
     def grouped_gemm_kernel(a_desc, b_desc, c_desc, h_desc, a_ptr, stride_am, a_rows_ptr, c_ptr, stride_cm, h_ptr,
-                            stride_hm, tokens_ptr, scale_ptr, offsets_ptr, M, N, K, E, K_CONTIG: gl.constexpr,
-                            GATED: gl.constexpr, ACTIVATION: gl.constexpr, GATHER: gl.constexpr, COMBINE: gl.constexpr,
-                            SCALED: gl.constexpr, STAGES: gl.constexpr, GROUP: gl.constexpr,
-                            REGISTERS: gl.constexpr):  # fmt: skip
+                            stride_hm, tokens_ptr, scale_ptr, offsets_ptr, M, N, K, E, next_tile_ptr,
+                            K_CONTIG: gl.constexpr, GATED: gl.constexpr, ACTIVATION: gl.constexpr, GATHER: gl.constexpr,
+                            COMBINE: gl.constexpr, SCALED: gl.constexpr, CLAIM: gl.constexpr, STAGES: gl.constexpr,
+                            GROUP: gl.constexpr, REGISTERS: gl.constexpr):  # fmt: skip
         CONSUMERS: gl.constexpr = 3  # warpgroups, each 64 rows of the tile: the default partition and two workers
         SUB_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_M: gl.constexpr = CONSUMERS * SUB_M
@@ -478,15 +624,24 @@ if gluon is not None:
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=CONSUMERS)
+        if CLAIM:  # (the claimed tiles' hand-over from warpgroup 0 to the others: _claim_tile)
+            next_bufs = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+            next_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            next_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(2):
+                mbarrier.init(next_ready.index(i), count=1)
+                mbarrier.init(next_free.index(i), count=CONSUMERS - 1)
+        else:
+            next_bufs, next_ready, next_free = ready, ready, ready  # (unused)
         args = (a_desc, b_desc, c_desc, h_desc, a_ptr, stride_am, a_rows_ptr, c_ptr, stride_cm, h_ptr, stride_hm,
-                tokens_ptr, scale_ptr, offsets_ptr, M, N, K, E, total, a_bufs, b_bufs, c_bufs, ready,
-                empty)  # fmt: skip
+                tokens_ptr, scale_ptr, offsets_ptr, M, N, K, E, total, a_bufs, b_bufs, c_bufs, ready, empty,
+                next_tile_ptr, next_bufs, next_ready, next_free)  # fmt: skip
         # (constexprs passed inline: one held in a tuple reaches a worker partition as a runtime value)
         gl.warp_specialize(
             [
-                (_partition, (args, 0, K_CONTIG, GATED, ACTIVATION, GATHER, COMBINE, SCALED, GROUP)),
-                (_partition, (args, 1, K_CONTIG, GATED, ACTIVATION, GATHER, COMBINE, SCALED, GROUP)),
-                (_partition, (args, 2, K_CONTIG, GATED, ACTIVATION, GATHER, COMBINE, SCALED, GROUP)),
+                (_partition, (args, 0, K_CONTIG, GATED, ACTIVATION, GATHER, COMBINE, SCALED, CLAIM, GROUP)),
+                (_partition, (args, 1, K_CONTIG, GATED, ACTIVATION, GATHER, COMBINE, SCALED, CLAIM, GROUP)),
+                (_partition, (args, 2, K_CONTIG, GATED, ACTIVATION, GATHER, COMBINE, SCALED, CLAIM, GROUP)),
             ],
             [4, 4],
             [REGISTERS, REGISTERS],
@@ -494,6 +649,10 @@ if gluon is not None:
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(i))
             mbarrier.invalidate(empty.index(i))
+        if CLAIM:
+            for i in gl.static_range(2):
+                mbarrier.invalidate(next_ready.index(i))
+                mbarrier.invalidate(next_free.index(i))
 
         # Rows routed to no expert: zeros (preact's both halves and h when gated), by the default warpgroup; combined,
         # they add nothing.
@@ -546,15 +705,20 @@ def grouped_gemm(
     c_desc = descriptor(c, [SUB_M, PIECE])
     programs = num_programs(a.device)
     scale = combine.scale if combine is not None else None
+    # Claimed tiles and the idle warpgroups' wgmma skipped (CLAIM, the story above) where one expert's weight fits in
+    # half the L2: the fine-grained layers' 3-12 MB, not Mixtral's 117-235 MB.
+    claim = k * n * a.element_size() <= torch.cuda.get_device_properties(a.device).L2_cache_size // 2
     # Gathered, A's descriptor only gives the kernel its tile's type and shared layout.
     grouped_gemm_kernel[(programs,)](
         descriptor(a, [SUB_M, BLOCK_K]), descriptor(view, b_block), c_desc,
         descriptor(h, [SUB_M, PIECE]) if gated else c_desc, a, a.stride(0),
         a_rows if a_rows is not None else offsets, c, c.stride(0), h if gated else c, h.stride(0) if gated else 0,
         combine.tokens if combine is not None else offsets, scale if scale is not None else c, offsets, m,
-        n // 2 if gated else n, k, offsets.shape[0], K_CONTIG=k_contig, GATED=gated, ACTIVATION=activation,
-        GATHER=a_rows is not None, COMBINE=combine is not None, SCALED=scale is not None, STAGES=STAGES, GROUP=GROUP,
-        REGISTERS=REGISTERS, num_warps=4, maxnreg=REGISTERS,
+        n // 2 if gated else n, k, offsets.shape[0],
+        torch.zeros(1, device=a.device, dtype=torch.int32) if claim else offsets,  # (the claims' counter)
+        K_CONTIG=k_contig, GATED=gated, ACTIVATION=activation, GATHER=a_rows is not None, COMBINE=combine is not None,
+        SCALED=scale is not None, CLAIM=claim, STAGES=STAGES, GROUP=GROUP, REGISTERS=REGISTERS, num_warps=4,
+        maxnreg=REGISTERS,
     )  # fmt: skip
 
 
