@@ -285,10 +285,10 @@ if gluon is not None:
     def _consume(a_bufs, b_bufs, ready, empty, acc, consumed, use_acc, WHICH: gl.constexpr, K_CONTIG: gl.constexpr,
                  GATHER: gl.constexpr, DRAIN: gl.constexpr, ACTIVE: gl.constexpr = True):  # fmt: skip
         """This warpgroup's wgmma of step ``consumed`` (none unless ``ACTIVE``) once its tiles have landed (gathered:
-        its own copies too, and
-        the warpgroup has met so every thread's are seen); returns with at most that wgmma in flight (none when
-        ``DRAIN``), having released the stage of the step before (``use_acc``: one was in this tile) and met again
-        (gathered) so that the copies about to overwrite that stage come after every warp's wgmma read it.
+        its own copies too, and the warpgroup has met so every thread's are seen); returns with at most that wgmma in
+        flight (none when ``DRAIN``), having released the stage of the step before (``use_acc``: one was in this tile)
+        and met again (gathered) so that the copies about to overwrite that stage come after every warp's wgmma read
+        it.
 
         NOTE: a tile's last step drains (``DRAIN``) right after its wgmma, not in the epilogue. Waited for later, with
         the next tile's loads issued in between, ptxas (Triton 3.6's, fp16 gated) hoisted the epilogue's first reads
