@@ -33,6 +33,14 @@ import time
 import torch
 import torch.distributed as dist
 
+# NOTE: imported before init_process_group on purpose. prmc imports torch._dynamo, which imports
+# torch.distributed.nn.functional, whose functions take `group=group.WORLD` as a default argument: imported
+# after init, they hold the default group forever, destroy_process_group cannot free it, and gloo's worker
+# threads outlive the interpreter. One of them dropping the last collective's (Python-owned) tensors during
+# interpreter finalization then aborts the process ("terminate called without an active exception").
+import prmc.distributed.ep as ep
+from prmc.passes import overlap
+
 
 def _parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,7 +66,7 @@ def _sync(device):
 
 
 @contextlib.contextmanager
-def _no_token_comm(ep):
+def _no_token_comm():
     """Replace the token all-to-alls by local buffers of the received size (compute-only timing)."""
     orig = ep.all_to_all
 
@@ -88,9 +96,6 @@ def main():
         torch.cuda.set_device(device)
     if args.experts % world:
         raise SystemExit(f"--experts {args.experts} must be divisible by the world size {world}")
-
-    import prmc.distributed.ep as ep
-    from prmc.passes import overlap
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     group_name = dist.group.WORLD.group_name
@@ -199,7 +204,7 @@ def main():
     for name, fn in variants.items():
         timed(fn, args.warmup)
         step_s = max_over_ranks(timed(fn, args.steps))
-        with _no_token_comm(ep):
+        with _no_token_comm():
             if args.compile:
                 torch._dynamo.reset()
             base = layer_off if name == "off" else (lambda x, c=int(name.split("c")[-1]): layer_on(x, c))
