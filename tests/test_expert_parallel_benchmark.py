@@ -1,4 +1,5 @@
-"""benchmarks/expert_parallel.py runs under torchrun on CPU (gloo) and writes its JSON."""
+"""benchmarks/expert_parallel.py runs under torchrun on CPU (gloo), writes its JSON, and imports prmc before it
+initialises the group."""
 
 from __future__ import annotations
 
@@ -28,3 +29,16 @@ def test_benchmark_runs_under_torchrun(tmp_path, world):
     for v in rep["variants"].values():
         assert v["tokens_per_s"] > 0 and v["a2a_ms"] > 0 and v["compute_ms"] > 0 and v["exposed_comm_ms"] >= 0
     assert sum(rep["rows_received_per_rank"]) == world * 64 * 2  # dropless: every routed row arrives
+
+
+def test_benchmark_binds_no_live_group():
+    """The benchmark imports prmc, hence torch.distributed.nn.functional (whose defaults bind group.WORLD), when it
+    is imported, before main's init_process_group: imported after it, those defaults pin the gloo group past
+    destroy_process_group and its worker threads can abort the process at exit (the NOTE in the benchmark)."""
+    code = (
+        "import sys; sys.path.insert(0, 'benchmarks'); import expert_parallel, torch.distributed as dist; "
+        "assert not dist.is_initialized(); assert 'torch.distributed.nn.functional' in sys.modules"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
