@@ -33,11 +33,8 @@ import time
 import torch
 import torch.distributed as dist
 
-# NOTE: imported before init_process_group on purpose. prmc imports torch._dynamo, which imports
-# torch.distributed.nn.functional, whose functions take `group=group.WORLD` as a default argument: imported
-# after init, they hold the default group forever, destroy_process_group cannot free it, and gloo's worker
-# threads outlive the interpreter. One of them dropping the last collective's (Python-owned) tensors during
-# interpreter finalization then aborts the process ("terminate called without an active exception").
+# NOTE: imported before init_process_group on purpose (README, "Expert parallelism": imported after it, the gloo
+# group outlives destroy_process_group and its worker threads can abort the process at exit).
 import prmc.distributed.ep as ep
 from prmc.passes import overlap
 

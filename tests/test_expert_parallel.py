@@ -317,7 +317,7 @@ def _worker(rank, world, init_file, out_dir):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    import prmc.distributed  # noqa: F401  before init_process_group: see the NOTE in benchmarks/expert_parallel.py
+    import prmc.distributed  # noqa: F401  before init_process_group (README, "Expert parallelism")
 
     torch.set_num_threads(1)
     os.environ.setdefault("PRMC_EP_CHECK_TIMEOUT", "60")

@@ -34,7 +34,7 @@ def test_benchmark_runs_under_torchrun(tmp_path, world):
 def test_benchmark_binds_no_live_group():
     """The benchmark imports prmc, hence torch.distributed.nn.functional (whose defaults bind group.WORLD), when it
     is imported, before main's init_process_group: imported after it, those defaults pin the gloo group past
-    destroy_process_group and its worker threads can abort the process at exit (the NOTE in the benchmark)."""
+    destroy_process_group and its worker threads can abort the process at exit (README, "Expert parallelism")."""
     code = (
         "import sys; sys.path.insert(0, 'benchmarks'); import expert_parallel, torch.distributed as dist; "
         "assert not dist.is_initialized(); assert 'torch.distributed.nn.functional' in sys.modules"
