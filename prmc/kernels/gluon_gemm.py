@@ -54,15 +54,20 @@ Claimed tiles (``CLAIM``, where one expert's weight fits in half the L2: the fin
 row tile holds fewer than 192 rows, and a warpgroup whose 64 rows all lie past the group's end runs no wgmma (the
 same waits, copies and releases, so the stage barriers still count three). Its tile then finishes early, so a program
 does not run a fixed share of the tiles (``pid + i * programs``) but claims its next one from a counter while it runs
-one (warpgroup 0, by an atomic add, handed to the other two through shared memory): the tiles start in the order of
+one (warpgroup 1, by an atomic add, handed to the other two through shared memory): the tiles start in the order of
 their numbers, and those that share an operand block still run side by side and find it in L2. The skip alone (fixed
 shares) lost up to 8%: the programs holding the faster last tiles ran ahead of their neighbours, and A and B were read
 from HBM 53-57% more (v37); on OLMoE and Qwen3 (6 and 3 row tiles per group, 132 programs) the same 22 or 44 programs
-hold every last tile in every wave. The claim alone costs 1-3% (warpgroup 0 waits for its atomic). Both together
+hold every last tile in every wave. The claim alone cost 1-3% while warpgroup 0, the loader, made it and waited for
+its atomic (v38). Both together
 (H100, three A/B runs, results/ab_claim_v38.log, ab_claim2_v38.log, ab_rot_v38.log; bitwise-equal stored outputs):
 the four row products in sum 0.966-0.970x the time on OLMoE, 0.985-0.989x on DeepSeek-V2-Lite, 0.990-0.996x on Qwen3,
 0.981-0.992x on the skewed Qwen3, but 1.018-1.046x on Mixtral (whose experts' 117-235 MB stream through L2 in step
 only while every tile runs its full k-loop at the same pace), which keeps fixed shares and every wgmma.
+Warpgroup 1 claims since v41: OLMoE's four row products 0.979, 0.995, 0.998 and 0.991x the time of warpgroup 0's claim
+(1.2% in sum), DeepSeek-V2-Lite's level (0.991-1.003x), stored outputs bitwise equal, combined ones within noise
+(H200, one A/B of 6 rounds, results/ab_v41_short.log, where this kernel is gg_dynskip_wg1: the same machine code but
+for a few registers renamed in the down forward, results/sass_v41.log).
 
 Where it runs (``weight_operand``): CUDA sm90 (``wgmma`` is sm90a's), bf16/fp16, A and C (and h) read and
 written through TMA (gathered: A's rows 16-byte aligned, K whole k-steps), at least two k-steps, and B laid out so
@@ -359,7 +364,7 @@ if gluon is not None:
                     K_CONTIG: gl.constexpr, GATED: gl.constexpr, GATHER: gl.constexpr, ACTIVE: gl.constexpr,
                     BLOCK_M: gl.constexpr, GROUP: gl.constexpr, store_layout: gl.constexpr):  # fmt: skip
         """``CLAIM``'s k-steps of a tile (its first is step ``consumed``), the last one drained, each loading the step
-        LEAD ahead: the tile's own, then those of the next tile (``n_t``: warpgroup 0's claim; the others read it here),
+        LEAD ahead: the tile's own, then those of the next tile (``n_t``: warpgroup 1's claim; the others read it here),
         whose tile number and walk state it returns with the accumulator. Not ``ACTIVE`` (this warpgroup's rows all lie
         past the group's end): the same waits, copies and releases without the wgmma.
 
@@ -374,7 +379,7 @@ if gluon is not None:
             _fill(a_desc, b_desc, a_bufs, b_bufs, ready, empty, produced + k, off_m, b_row, pid_n * BN, N, k + LEAD,
                   True, a_ptr, a_index, WHICH, K_CONTIG, GATED, GATHER, store_layout)  # fmt: skip
         # The next tile's first loads go out under this tile's last k-steps and its epilogue.
-        if WHICH != 0:
+        if WHICH != 1:
             n_t = _claimed_tile(next_bufs, next_ready, next_free, i)
         more = n_t < total
         n_e, n_first, n_row_begin, n_row_end, n_group_tiles, n_off_m, n_pid_n, n_b_row = _locate(
@@ -392,7 +397,7 @@ if gluon is not None:
 
     @gluon.jit
     def _claim_tile(next_tile_ptr, programs, next_bufs, next_ready, next_free, i):
-        """Warpgroup 0, at the start of a program's ``i``-th tile: the tile it runs next, taken from the launch's
+        """Warpgroup 1, at the start of a program's ``i``-th tile: the tile it runs next, taken from the launch's
         counter (its first tiles are the programs' ids, so the counter starts at ``programs``), and handed to the
         other two warpgroups through slot ``i % 2`` of ``next_bufs`` behind ``next_ready`` (``next_free``: both have
         read the slot's last tile).
@@ -402,8 +407,8 @@ if gluon is not None:
         L2 when a group's last tiles run faster than whole ones (``CLAIM``'s wgmma skip). With a fixed share per program
         (tile ``pid + i * programs``) the programs holding those tiles run ahead, the others read A and B from HBM
         again (v37 (c)), and on the fine-grained layers the same tiles fall to the same programs in every wave (132
-        programs, 6 or 3 row tiles per group). NOTE: warpgroup 0 waits here for the atomic's round trip to L2 (its
-        loads for this tile's first steps are already out)."""
+        programs, 6 or 3 row tiles per group). NOTE: warpgroup 1 waits here for the atomic's round trip to L2; not
+        warpgroup 0, which issues the loads (v41)."""
         slot = i % 2
         mbarrier.wait(next_free.index(slot), ((i // 2) & 1) ^ 1)
         n_t = gl.atomic_add(next_tile_ptr, 1, sem="relaxed") + programs
@@ -415,7 +420,7 @@ if gluon is not None:
 
     @gluon.jit
     def _claimed_tile(next_bufs, next_ready, next_free, i):
-        """Warpgroups 1 and 2, at the end of their ``i``-th tile: the tile warpgroup 0 claimed next
+        """Warpgroups 0 and 2, at the end of their ``i``-th tile: the tile warpgroup 1 claimed next
         (``_claim_tile``)."""
         slot = i % 2
         mbarrier.wait(next_ready.index(slot), (i // 2) & 1)
@@ -526,7 +531,7 @@ if gluon is not None:
         if CLAIM:
             i = 0
             while t < total:
-                if WHICH == 0:  # (read by the other two at this tile's end)
+                if WHICH == 1:  # (read by the other two at this tile's end)
                     n_t = _claim_tile(next_tile_ptr, programs, next_bufs, next_ready, next_free, i)
                 else:
                     n_t = t  # (the claimed one is read in _tile_steps)
@@ -627,7 +632,7 @@ if gluon is not None:
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=CONSUMERS)
-        if CLAIM:  # (the claimed tiles' hand-over from warpgroup 0 to the others: _claim_tile)
+        if CLAIM:  # (the claimed tiles' hand-over from warpgroup 1 to the others: _claim_tile)
             next_bufs = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
             next_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
             next_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
