@@ -67,7 +67,8 @@ only while every tile runs its full k-loop at the same pace), which keeps fixed 
 Warpgroup 1 claims since v41: OLMoE's four row products 0.979, 0.995, 0.998 and 0.991x the time of warpgroup 0's claim
 (1.2% in sum), DeepSeek-V2-Lite's level (0.991-1.003x), stored outputs bitwise equal, combined ones within noise
 (H200, one A/B of 6 rounds, results/ab_v41_short.log, where this kernel is gg_dynskip_wg1: the same machine code but
-for a few registers renamed in the down forward, results/sass_v41.log).
+for a few registers renamed in the down forward, results/sass_v41.log); on an H100 (v42, results/ab_v42.log) the
+four in sum 0.981x (Qwen3), 0.985x (skewed Qwen3) and 0.983x (OLMoE) the time of warpgroup 0's claim.
 
 Where it runs (``weight_operand``): CUDA sm90 (``wgmma`` is sm90a's), bf16/fp16, A and C (and h) read and
 written through TMA (gathered: A's rows 16-byte aligned, K whole k-steps), at least two k-steps, and B laid out so
