@@ -18,6 +18,7 @@ hand_dense, and for prmc on hand_loop, whose block-level errors match stock Indu
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -100,6 +101,7 @@ def main(only: list[str]) -> int:
         for name, build in models.all_forms():
             if name not in chosen_forms:
                 continue
+            started = time.time()
             torch._dynamo.reset()
             prmc.reset_reports()
             model = build(seed=0, dtype=dtype).cuda()
@@ -121,7 +123,8 @@ def main(only: list[str]) -> int:
                 verdict = f"blocks: prmc {block_prmc:.1e}, stock Inductor {block_inductor:.1e}; " + verdict
             ok = ok and rewritten == 2
             failed += [] if ok else [f"{name} {dtype}"]
-            print(f"{name:26s} {str(dtype):15s} {verdict}; blocks rewritten {rewritten} {'ok' if ok else 'FAIL'}", flush=True)
+            print(f"{name:26s} {str(dtype):15s} {verdict}; blocks rewritten {rewritten} {'ok' if ok else 'FAIL'} "
+                  f"({time.time() - started:.0f} s)", flush=True)  # (the time: to plan device calls)
     print("ALL OK" if not failed else f"FAILED: {failed}")
     return 1 if failed else 0
 
