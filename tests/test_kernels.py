@@ -225,7 +225,7 @@ def test_gluon_gemm_compiles_for_hopper(dtype, k_contig, gated, activation, gath
         assert {size for size, _ in copies} == {"0x10"} and all(src_size for _, src_size in copies)
     atomics = re.findall(r"(?:red|atom)\.global\.\S*add\S*", ptx)  # (Triton 3.6 writes the reductions as atom, 3.9 red)
     claims = [a for a in atomics if a.endswith(".u32")]
-    assert len(claims) == claim  # (CLAIM: warpgroup 0's claim of the next tile, _claim_tile)
+    assert len(claims) == claim  # (CLAIM: the claim of the next tile by CLAIMING_WARPGROUP, _claim_tile)
     reductions = set(atomics) - set(claims)
     suffix = {"bf16": ".add.noftz.v8.bf16", "fp16": ".add.noftz.v8.f16"}[dtype]  # 16 bytes per reduction
     assert bool(reductions) == bool(combine) and all(r.endswith(suffix) for r in reductions), reductions

@@ -147,6 +147,10 @@ def weight_operand(
 
 
 if gluon is not None:
+    # The warpgroup that claims each program's next tile (``CLAIM``: ``_claim_tile``); not warpgroup 0, which issues
+    # the loads and would wait for the atomic's round trip (v41).
+    CLAIMING_WARPGROUP = gl.constexpr(1)
+
     # Triton 3.9 renamed the TMA and cp.async copies; 3.6 (torch 2.11) has only the old names.
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
@@ -380,7 +384,7 @@ if gluon is not None:
             _fill(a_desc, b_desc, a_bufs, b_bufs, ready, empty, produced + k, off_m, b_row, pid_n * BN, N, k + LEAD,
                   True, a_ptr, a_index, WHICH, K_CONTIG, GATED, GATHER, store_layout)  # fmt: skip
         # The next tile's first loads go out under this tile's last k-steps and its epilogue.
-        if WHICH != 1:
+        if WHICH != CLAIMING_WARPGROUP:
             n_t = _claimed_tile(next_bufs, next_ready, next_free, i)
         more = n_t < total
         n_e, n_first, n_row_begin, n_row_end, n_group_tiles, n_off_m, n_pid_n, n_b_row = _locate(
@@ -532,7 +536,7 @@ if gluon is not None:
         if CLAIM:
             i = 0
             while t < total:
-                if WHICH == 1:  # (read by the other two at this tile's end)
+                if WHICH == CLAIMING_WARPGROUP:  # (read by the other two at this tile's end)
                     n_t = _claim_tile(next_tile_ptr, programs, next_bufs, next_ready, next_free, i)
                 else:
                     n_t = t  # (the claimed one is read in _tile_steps)
