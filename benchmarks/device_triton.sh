@@ -7,6 +7,7 @@
 #   here, in the repo root:   bash benchmarks/device_triton.sh pack     # -> carry/triton39.tar.xz, ~52 MB
 #   on the device (run's carry: ["carry"]):
 #                             source benchmarks/device_triton.sh use && python benchmarks/check_kernels_gpu.py
+#   (sourced in the shell that runs Python, not through a pipe, which would drop its exports: v47)
 #
 # Packed: the nvidia backend alone, no profiler libraries, libtriton.so stripped (500 -> 192 MB). It is for the
 # kernels and their checks: torch 2.11's Inductor is not built for Triton 3.9 (torch.compile is not tried with it).
