@@ -55,6 +55,10 @@ CASES = {
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
+# The children's count of launches without LAUNCH_OPTIONS, per kernel (_count_unpinned_launches).
+UNPINNED = "unpinned launches"
+
+
 @pytest.fixture(scope="module")
 def interpreter_errors() -> dict[str, dict[str, float]]:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -63,12 +67,15 @@ def interpreter_errors() -> dict[str, dict[str, float]]:
         subprocess.Popen([sys.executable, __file__, *names[i::2]], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)
     ]  # fmt: skip
-    errors = {}
+    errors, unpinned = {}, {}
     for child in children:
         out, err = child.communicate(timeout=600)
         assert child.returncode == 0, f"interpreter checks failed:\n{err[-4000:]}"
-        errors.update(json.loads(out.strip().splitlines()[-1]))
-    return errors
+        result = json.loads(out.strip().splitlines()[-1])
+        for kernel, count in result.pop(UNPINNED).items():
+            unpinned[kernel] = unpinned.get(kernel, 0) + count
+        errors.update(result)
+    return {**errors, UNPINNED: unpinned}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -79,6 +86,17 @@ def test_kernels_match_reference(name, interpreter_errors):
     assert len(errors) == 11 + ("gluon" in name), sorted(errors)
     bad = {k: v for k, v in errors.items() if not v <= TOLERANCE[case.dtype]}
     assert not bad, f"{name}: relative errors over {TOLERANCE[case.dtype]:g}: {bad}"
+
+
+def test_launches_pin_compile_options(interpreter_errors):
+    """Every Triton kernel launch passes ``LAUNCH_OPTIONS`` (FP fusion on, as the kernels were measured and checked
+    with; left to Triton's default, 3.9 warns at the first compile and 3.10 turns fusion off), counted over all the
+    interpreter checks, which launch each kernel. (The Gluon kernels have no interpreter: ``compile_for_hopper``
+    builds them with the same options.)"""
+    unpinned = interpreter_errors[UNPINNED]
+    kernels = {"grouped_gemm_kernel", "weight_grad_kernel", "mlp_grad_rows_kernel", "gather_rows_kernel",
+               "combine_rows_kernel", "segment_counts_kernel", "segment_bases_kernel", "scatter_kernel"}  # fmt: skip
+    assert set(unpinned) == kernels and not any(unpinned.values()), unpinned
 
 
 @pytest.mark.parametrize("name", ["grouped_gemm_loads", "weight_grad_loads", "gather_rows", "combine_rows", "sort_by_expert"])
@@ -499,6 +517,25 @@ def run_case(name: str) -> dict[str, float]:
     return errors
 
 
+def _count_unpinned_launches() -> dict[str, int]:
+    """{kernel: its launches without ``LAUNCH_OPTIONS``}, kept up to date by every interpreted launch from now on."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from prmc.kernels._triton_common import LAUNCH_OPTIONS
+
+    counts = {}
+    run = InterpretedFunction.run
+
+    def counted(self, *args, **kwargs):
+        name = self.fn.__name__
+        counts[name] = counts.get(name, 0) + any(kwargs.get(k) != v for k, v in LAUNCH_OPTIONS.items())
+        return run(self, *args, **kwargs)
+
+    InterpretedFunction.run = counted
+    return counts
+
+
 if __name__ == "__main__":
     torch.manual_seed(0)
-    print(json.dumps({name: run_case(name) for name in sys.argv[1:]}))
+    unpinned = _count_unpinned_launches()
+    print(json.dumps({**{name: run_case(name) for name in sys.argv[1:]}, UNPINNED: unpinned}))

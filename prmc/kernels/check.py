@@ -133,13 +133,14 @@ def compile_for_hopper(kernel, signature: dict, constants: dict, **options):
     """A Gluon kernel compiled for sm90a with the installed Triton, on any machine (no GPU needed): Gluon has no
     interpreter, so the tests check what it compiles to and benchmarks/check_kernels_gpu.py its numbers on the GPU.
     ``signature``: its arguments' types, where a tensor descriptor is given by (dtype, block); ``constants``: its
-    constexpr arguments; ``options``: the compiler's (``num_warps`` defaults to the constant of that name). Pointers
-    and strides are taken 16-aligned, as the launcher's specialization finds them at the model's sizes (the cp.async
-    gathers need 16-byte source rows)."""
+    constexpr arguments; ``options``: the compiler's (``num_warps`` defaults to the constant of that name; the
+    launches' ``LAUNCH_OPTIONS`` apply unless given). Pointers and strides are taken 16-aligned, as the launcher's
+    specialization finds them at the model's sizes (the cp.async gathers need 16-byte source rows)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
+    from prmc.kernels._triton_common import LAUNCH_OPTIONS
     from prmc.kernels.gluon_gemm import gl
 
     def descriptor(dtype, block):
@@ -152,7 +153,7 @@ def compile_for_hopper(kernel, signature: dict, constants: dict, **options):
         for name, kind in signature.items() if kind.startswith("*") or name.startswith("stride")
     }  # fmt: skip
     source = GluonASTSource(kernel, {**signature, **{name: "constexpr" for name in constants}}, constants, aligned)
-    options.setdefault("num_warps", constants.get("num_warps", 4))
+    options = {**LAUNCH_OPTIONS, "num_warps": constants.get("num_warps", 4), **options}
     return triton.compile(source, target=GPUTarget("cuda", 90, 128), options=options)
 
 

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from prmc.kernels._triton_common import INTERPRET
+from prmc.kernels._triton_common import INTERPRET, LAUNCH_OPTIONS
 
 
 @triton.jit
@@ -80,7 +80,7 @@ def combine_rows(
     combine_rows_kernel[grid](
         y, inverse, scale.contiguous() if scale is not None else y, offsets, out,
         n, offsets.shape[0], top_k, y.stride(0), out.stride(0),
-        HAS_SCALE=scale is not None, BLOCK_N=block_n, num_warps=1 if INTERPRET else 4,
+        HAS_SCALE=scale is not None, BLOCK_N=block_n, num_warps=1 if INTERPRET else 4, **LAUNCH_OPTIONS,
     )  # fmt: skip
     return out
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from prmc.kernels._triton_common import INTERPRET
+from prmc.kernels._triton_common import INTERPRET, LAUNCH_OPTIONS
 
 
 @triton.jit
@@ -44,7 +44,8 @@ def gather_rows(src: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     block_m, block_n = (16, 16) if INTERPRET else (32, 256)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     gather_rows_kernel[grid](
-        src, rows, out, m, n, src.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4
+        src, rows, out, m, n, src.stride(0), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        **LAUNCH_OPTIONS,
     )  # fmt: skip
     return out
 

@@ -88,7 +88,15 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from prmc.kernels._triton_common import INTERPRET, activation, capability, num_programs, swizzle, tma_reads
+from prmc.kernels._triton_common import (
+    INTERPRET,
+    LAUNCH_OPTIONS,
+    activation,
+    capability,
+    num_programs,
+    swizzle,
+    tma_reads,
+)
 
 try:
     from triton.experimental import gluon
@@ -731,7 +739,7 @@ def grouped_gemm(
         torch.zeros(1, device=a.device, dtype=torch.int32) if claim else offsets,  # (the claims' counter)
         K_CONTIG=k_contig, GATED=gated, ACTIVATION=activation, GATHER=a_rows is not None, COMBINE=combine is not None,
         SCALED=scale is not None, CLAIM=claim, STAGES=STAGES, GROUP=GROUP, REGISTERS=REGISTERS, num_warps=4,
-        maxnreg=REGISTERS,
+        maxnreg=REGISTERS, **LAUNCH_OPTIONS,
     )  # fmt: skip
 
 

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import torch
 
-from prmc.kernels._triton_common import INTERPRET, capability, num_programs, swizzle, tma_reads
+from prmc.kernels._triton_common import INTERPRET, LAUNCH_OPTIONS, capability, num_programs, swizzle, tma_reads
 from prmc.kernels.gluon_gemm import gl, gluon
 
 if gluon is not None:
@@ -340,7 +340,7 @@ def k_grouped_mm(
         descriptor(left, [BLOCK_K, BLOCK_P]), descriptor(right, [BLOCK_K, BLOCK_Q]),
         descriptor(out.view(-1, out.shape[2]), o_block), out, offsets, left, left.stride(0),
         left_rows if left_rows is not None else offsets, right.shape[0], p, q, experts, TRANSPOSED=transposed,
-        GATHER=left_rows is not None, STAGES=STAGES, GROUP=GROUP, num_warps=NUM_WARPS,
+        GATHER=left_rows is not None, STAGES=STAGES, GROUP=GROUP, num_warps=NUM_WARPS, **LAUNCH_OPTIONS,
     )  # fmt: skip
     return out
 

@@ -55,6 +55,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from prmc.kernels._triton_common import (
+    LAUNCH_OPTIONS,
     activation,
     fp32_dot,
     gemm_configs,
@@ -248,7 +249,7 @@ def grouped_gemm(
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         *(h.stride() if h is not None else (0, 0)),
         EPILOGUE=epilogue, GATHER_A=a_rows is not None, ACTIVATION=activation, GATED=gated, FP32_DOT=fp32_dot(a.dtype),
-        A_DESC=a_desc is not None, B_DESC=b_desc is not None, B_K_CONTIG=b_k_contig,
+        A_DESC=a_desc is not None, B_DESC=b_desc is not None, B_K_CONTIG=b_k_contig, **LAUNCH_OPTIONS,
     )  # fmt: skip
 
 

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from prmc.kernels._triton_common import INTERPRET, activation, activation_grad
+from prmc.kernels._triton_common import INTERPRET, LAUNCH_OPTIONS, activation, activation_grad
 
 
 @triton.jit
@@ -101,7 +101,7 @@ def mlp_grad_rows(
         g, preact, scale if scale is not None else g, order, offsets, dpre, grad_scale if scale is not None else g, hs,
         m, i, offsets.shape[0], g.stride(0), preact.stride(0), dpre.stride(0), hs.stride(0),
         ACTIVATION=activation, GATED=gated, HAS_SCALE=scale is not None,
-        BLOCK_M=block_m, BLOCK_I=block_i, num_warps=1 if INTERPRET else 4,
+        BLOCK_M=block_m, BLOCK_I=block_i, num_warps=1 if INTERPRET else 4, **LAUNCH_OPTIONS,
     )  # fmt: skip
     return dpre, grad_scale, hs
 

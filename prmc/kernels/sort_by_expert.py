@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from prmc.kernels import reference
-from prmc.kernels._triton_common import INTERPRET
+from prmc.kernels._triton_common import INTERPRET, LAUNCH_OPTIONS
 
 # 256 experts (DeepSeek-V3) is the most any supported model routes over; past 512 the one-hot per slot
 # would cost more than the radix sort.
@@ -145,15 +145,18 @@ def sort_by_expert(
     segs = triton.cdiv(m, seg)
     seg_counts = torch.empty(segs, block_e, device=ids.device, dtype=torch.int32)
     warps = 1 if INTERPRET else 4
-    segment_counts_kernel[(segs,)](ids, seg_counts, m, num_experts, SEG=seg, BLOCK_E=block_e, num_warps=warps)
+    segment_counts_kernel[(segs,)](
+        ids, seg_counts, m, num_experts, SEG=seg, BLOCK_E=block_e, num_warps=warps, **LAUNCH_OPTIONS
+    )  # fmt: skip
     experts = min(block_e, 16)
     rows = min(triton.next_power_of_2(segs), 4096 // experts)
     segment_bases_kernel[(block_e // experts,)](
-        seg_counts, counts, num_experts, segs, BLOCK_E=block_e, EXPERTS=experts, ROWS=rows, num_warps=warps
+        seg_counts, counts, num_experts, segs, BLOCK_E=block_e, EXPERTS=experts, ROWS=rows, num_warps=warps,
+        **LAUNCH_OPTIONS,
     )  # fmt: skip
     scatter_kernel[(segs,)](
         ids, seg_counts, counts, offsets, order, inverse, m, num_experts, seg,
-        BLOCK_E=block_e, CHUNK=chunk, num_warps=warps,
+        BLOCK_E=block_e, CHUNK=chunk, num_warps=warps, **LAUNCH_OPTIONS,
     )  # fmt: skip
     return order, counts, offsets, inverse
 

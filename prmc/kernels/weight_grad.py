@@ -41,7 +41,16 @@ import torch
 import triton
 import triton.language as tl
 
-from prmc.kernels._triton_common import fp32_dot, gemm_configs, group_start, load_tile, mma, swizzle, tma_reads
+from prmc.kernels._triton_common import (
+    LAUNCH_OPTIONS,
+    fp32_dot,
+    gemm_configs,
+    group_start,
+    load_tile,
+    mma,
+    swizzle,
+    tma_reads,
+)
 
 
 @triton.jit
@@ -148,7 +157,7 @@ def weight_grad(
         p, q,
         left.stride(0), left.stride(1), right.stride(0), right.stride(1), *out.stride(),
         GATHER_L=left_rows is not None, GATHER_R=right_rows is not None, L_DESC=l_desc, R_DESC=r_desc,
-        FP32_DOT=fp32_dot(left.dtype),
+        FP32_DOT=fp32_dot(left.dtype), **LAUNCH_OPTIONS,
     )  # fmt: skip
 
 
