@@ -251,6 +251,31 @@ def test_gluon_gemm_compiles_for_hopper(dtype, k_contig, gated, activation, gath
     assert kernel.metadata.shared <= 232448  # bytes of shared memory a Hopper block may have
 
 
+@pytest.mark.parametrize("dtype, epilogue, gather, k_contig", [("bf16", "gate_up", True, True), ("fp32", "store", False, False)])
+def test_triton_grouped_gemm_compiles_for_hopper(dtype, epilogue, gather, k_contig):
+    """The Triton row-grouped kernel where it runs on Hopper (fp32, and what the Gluon kernel does not take), at a tile
+    its autotuner offers there: its TMA descriptors are made on the device (``tensormap.replace``, for B and for an A
+    that is not gathered), so that no config needs a pre-hook and the autotuner keeps its pick on disk
+    (``_triton_common.AUTOTUNE``), and it loads through them (``cp.async.bulk.tensor``). The interpreter runs these
+    descriptors without compiling them."""
+    from prmc.kernels import grouped_gemm as gg
+
+    signature = dict(
+        a_ptr=f"*{dtype}", a_rows_ptr="*i64", offsets_ptr="*i32", b_ptr=f"*{dtype}", c_ptr=f"*{dtype}", h_ptr=f"*{dtype}",
+        M="i32", N="i32", K="i32", E="i32", NUM_PROGRAMS="i32", stride_am="i32", stride_ak="i32", stride_be="i32",
+        stride_bk="i32", stride_bn="i32", stride_cm="i32", stride_cn="i32", stride_hm="i32", stride_hn="i32",
+    )  # fmt: skip
+    gated = epilogue == "gate_up"
+    constants = dict(
+        EPILOGUE=epilogue, GATHER_A=gather, ACTIVATION="silu", GATED=gated, FP32_DOT=dtype == "fp32", A_DESC=not gather,
+        B_DESC=True, B_K_CONTIG=k_contig, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP=8, EVEN_K=True, EVEN_N=True,
+    )  # fmt: skip
+    assert gg.grouped_gemm_kernel.fn.fn.arg_names == [*signature, *constants]  # every argument named, in order
+    ptx = compile_for_hopper(gg.grouped_gemm_kernel, signature, constants, num_warps=8, num_stages=3).asm["ptx"]
+    descriptors = len(re.findall(r"tensormap\.replace\.tile\.global_address", ptx))
+    assert descriptors == 2 - gather and "cp.async.bulk.tensor" in ptx
+
+
 @pytest.mark.parametrize(
     "dtype, transposed, gather", [("bf16", False, False), ("fp16", False, False), ("bf16", True, False), ("bf16", False, True), ("bf16", True, True)]
 )  # fmt: skip

@@ -41,27 +41,48 @@ def fp32_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or INTERPRET
 
 
-def gemm_configs(block_m: str, block_n: str, widest_n: bool = True, pre_hook=None) -> list[triton.Config]:
-    """A short Hopper list (each config costs a compile and a benchmark the first time a shape is seen).
+def gemm_configs(block_m: str, block_n: str, widest_n: bool = True) -> list[triton.Config]:
+    """A short Hopper list (each config costs a compile and a benchmark the first time a shape is seen,
+    and the pick is kept on disk: see ``AUTOTUNE``).
 
     ``block_m``/``block_n`` name the kernel's tile parameters. ``widest_n`` adds a 128x256 tile, which
-    only kernels with a single accumulator can hold in registers. ``pre_hook`` runs before each launch
-    with the config's arguments (tensor descriptors take their block from it).
+    only kernels with a single accumulator can hold in registers.
     """
     if INTERPRET:
         config = {block_m: 16, block_n: 16, "BLOCK_K": 16, "GROUP": 2}
-        return [triton.Config(config, num_warps=1, num_stages=1, pre_hook=pre_hook)]
+        return [triton.Config(config, num_warps=1, num_stages=1)]
     # 128x128 with 4 stages: the gated gate_up forward at Qwen3-30B-A3B sizes 0.82 ms vs 0.87 with 3 (H100,
     # benchmarks/KERNELS_NOTES.md, v5 sweep); BLOCK_K 128 or 32, other GROUPs and 4-warp tiles were slower.
     shapes = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
     if widest_n:
         shapes.append((128, 256, 64, 8, 3))
     return [
-        triton.Config(
-            {block_m: bm, block_n: bn, "BLOCK_K": bk, "GROUP": 8}, num_warps=warps, num_stages=stages, pre_hook=pre_hook
-        )
+        triton.Config({block_m: bm, block_n: bn, "BLOCK_K": bk, "GROUP": 8}, num_warps=warps, num_stages=stages)
         for bm, bn, bk, warps, stages in shapes
     ]
+
+
+# ``triton.autotune`` options every autotuned prmc kernel passes. ``cache_results``: the timings of a shape's first
+# tuning are written to Triton's cache directory (keyed by the kernel's source, the GPU, Triton's version, the tuning
+# key and the configs), so a later process launches the same pick without compiling and timing every config again,
+# and two runs of a benchmark time the same tiles. Triton keeps no timings of a config with a ``pre_hook``, so the
+# kernels make their TMA descriptors on the device (``descriptor_workspace``) instead of setting a host descriptor's
+# block in a pre-hook. The interpreter never caches.
+AUTOTUNE = {"cache_results": True}
+
+
+def descriptor_workspace(device: torch.device) -> None:
+    """Before a launch that makes TMA descriptors on the device (``tl.make_tensor_descriptor``): Triton asks
+    for their workspace at launch through ``triton.set_allocator``. The allocator is per thread (a ContextVar),
+    and the backward runs on autograd's thread, so this is called on every such launch, as Inductor's launcher
+    does."""
+    triton.set_allocator(functools.partial(_workspace, device=device))
+
+
+def _workspace(size: int, alignment: int, stream: int | None, *, device: torch.device) -> torch.Tensor:
+    """Triton's allocator protocol: ``size`` bytes for the kernel's descriptors (the caching allocator's
+    blocks are 512-byte aligned, past the 128 bytes a descriptor needs)."""
+    return torch.empty(size, dtype=torch.int8, device=device)
 
 
 @functools.cache

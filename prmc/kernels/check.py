@@ -132,13 +132,16 @@ def tolerance(dtype: torch.dtype) -> float:
 def compile_for_hopper(kernel, signature: dict, constants: dict, **options):
     """A Gluon kernel compiled for sm90a with the installed Triton, on any machine (no GPU needed): Gluon has no
     interpreter, so the tests check what it compiles to and benchmarks/check_kernels_gpu.py its numbers on the GPU.
-    ``signature``: its arguments' types, where a tensor descriptor is given by (dtype, block); ``constants``: its
-    constexpr arguments; ``options``: the compiler's (``num_warps`` defaults to the constant of that name; the
-    launches' ``LAUNCH_OPTIONS`` apply unless given). Pointers and strides are taken 16-aligned, as the launcher's
-    specialization finds them at the model's sizes (the cp.async gathers need 16-byte source rows)."""
+    A Triton kernel too (its autotuner and heuristics unwrapped, ``constants`` giving what they would): the
+    interpreter runs its Hopper paths without compiling them. ``signature``: its arguments' types, where a tensor
+    descriptor is given by (dtype, block); ``constants``: its constexpr arguments; ``options``: the compiler's
+    (``num_warps`` defaults to the constant of that name; the launches' ``LAUNCH_OPTIONS`` apply unless given).
+    Pointers and strides are taken 16-aligned, as the launcher's specialization finds them at the model's sizes (the
+    cp.async gathers need 16-byte source rows)."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.compiler import ASTSource
+    from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
 
     from prmc.kernels._triton_common import LAUNCH_OPTIONS
     from prmc.kernels.gluon_gemm import gl
@@ -147,12 +150,15 @@ def compile_for_hopper(kernel, signature: dict, constants: dict, **options):
         layout = gl.NVMMASharedLayout.get_default_for(block, getattr(gl, {"bf16": "bfloat16", "fp16": "float16"}[dtype]))
         return f"tensordesc<{dtype}[{block[0]}, {block[1]}],{layout!r}>"
 
+    while not isinstance(kernel, triton.runtime.JITFunction):  # an autotuner's or heuristics' kernel
+        kernel = kernel.fn
     signature = {name: descriptor(*kind) if isinstance(kind, tuple) else kind for name, kind in signature.items()}
     aligned = {
         (kernel.arg_names.index(name),): [["tt.divisibility", 16]]
         for name, kind in signature.items() if kind.startswith("*") or name.startswith("stride")
     }  # fmt: skip
-    source = GluonASTSource(kernel, {**signature, **{name: "constexpr" for name in constants}}, constants, aligned)
+    source_type = GluonASTSource if isinstance(kernel, GluonJITFunction) else ASTSource
+    source = source_type(kernel, {**signature, **{name: "constexpr" for name in constants}}, constants, aligned)
     options = {**LAUNCH_OPTIONS, "num_warps": constants.get("num_warps", 4), **options}
     return triton.compile(source, target=GPUTarget("cuda", 90, 128), options=options)
 

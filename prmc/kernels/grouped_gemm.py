@@ -19,7 +19,9 @@ Two ways to load the tiles. Where the GPU has TMA (Hopper on) and a tensor's bas
 aligned, B, and A when it is not gathered, are read through TMA tensor descriptors: the copy engine
 fetches whole tiles into shared memory, zero-fills past the tensor's ends (no masks), and the warps keep
 their registers and issue slots for the products. B's descriptor is three-dimensional, [E, rows, columns]
-in the weight's storage order, so a tile never reaches into the next expert. Elsewhere the tiles are
+in the weight's storage order, so a tile never reaches into the next expert. Each program makes its
+descriptors on the device, with the block of the config being run (so the configs need no pre-hook, and
+the autotuner keeps its pick on disk: ``_triton_common.AUTOTUNE``). Elsewhere the tiles are
 pointer loads, and A may be gathered on load through an index vector (no permuted copy of the tokens).
 Hopper's TMA has no row gather, so there a gathered A is either loaded by pointers or gathered by
 :mod:`prmc.kernels.gather_rows` first and then read through TMA; the layer does the second (measured
@@ -52,11 +54,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from prmc.kernels._triton_common import (
+    AUTOTUNE,
     LAUNCH_OPTIONS,
     activation,
+    descriptor_workspace,
     fp32_dot,
     gemm_configs,
     load_tile,
@@ -90,19 +93,11 @@ def _load_weight(desc, e, n, k, K_CONTIG: tl.constexpr, BLOCK_N: tl.constexpr, B
     return tile
 
 
-def _descriptor_blocks(nargs):
-    """Autotune pre-hook: a tensor descriptor's block is the tile of the config being run."""
-    if nargs["A_DESC"]:
-        nargs["a_ptr"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
-    if nargs["B_DESC"]:
-        bk, bn = nargs["BLOCK_K"], nargs["BLOCK_N"]
-        nargs["b_ptr"].block_shape = [1, bn, bk] if nargs["B_K_CONTIG"] else [1, bk, bn]
-
-
 @triton.autotune(
-    configs=gemm_configs("BLOCK_M", "BLOCK_N", pre_hook=_descriptor_blocks),
+    configs=gemm_configs("BLOCK_M", "BLOCK_N"),
     key=["N", "K", "EPILOGUE", "GATED", "GATHER_A", "A_DESC", "B_DESC", "B_K_CONTIG"],
     prune_configs_by={"early_config_prune": _prune},
+    **AUTOTUNE,
 )
 @triton.heuristics(
     {"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0, "EVEN_N": lambda args: args["N"] % args["BLOCK_N"] == 0}
@@ -118,6 +113,18 @@ def grouped_gemm_kernel(
     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
 ):  # fmt: skip
     num_n = tl.cdiv(N, BLOCK_N)
+    a_desc, b_desc = a_ptr, b_ptr  # pointer loads where there is no descriptor
+    if A_DESC:
+        a_desc = tl.make_tensor_descriptor(a_ptr, [M, K], [stride_am, 1], [BLOCK_M, BLOCK_K])
+    if B_DESC:  # in the weight's storage order; the gated weight's columns are both halves
+        if B_K_CONTIG:
+            b_desc = tl.make_tensor_descriptor(
+                b_ptr, [E, N * (1 + GATED), K], [stride_be, stride_bn, 1], [1, BLOCK_N, BLOCK_K]
+            )
+        else:
+            b_desc = tl.make_tensor_descriptor(
+                b_ptr, [E, K, N * (1 + GATED)], [stride_be, stride_bk, 1], [1, BLOCK_K, BLOCK_N]
+            )
     tile = tl.program_id(0)
     first_tile = 0  # id of the current group's first tile
     row_begin = 0
@@ -156,17 +163,17 @@ def grouped_gemm_kernel(
                 for k in range(0, tl.cdiv(K, BLOCK_K)):
                     k_ok = offs_k < K - k * BLOCK_K
                     if A_DESC:
-                        a = a_ptr.load([row_begin + pid_m * BLOCK_M, k * BLOCK_K])
+                        a = a_desc.load([row_begin + pid_m * BLOCK_M, k * BLOCK_K])
                     else:
                         a = load_tile(a_ptrs, m_mask, k_ok, False, not EVEN_K)
                     if B_DESC:
-                        b = _load_weight(b_ptr, e, pid_n * BLOCK_N, k * BLOCK_K, B_K_CONTIG, BLOCK_N, BLOCK_K)
+                        b = _load_weight(b_desc, e, pid_n * BLOCK_N, k * BLOCK_K, B_K_CONTIG, BLOCK_N, BLOCK_K)
                     else:
                         b = load_tile(b_ptrs, k_ok, n_mask, not EVEN_K, not EVEN_N)
                     acc = mma(a, b, acc, FP32_DOT)
                     if GATED:  # the up half: columns N..2N of the same weight
                         if B_DESC:
-                            b_up = _load_weight(b_ptr, e, N + pid_n * BLOCK_N, k * BLOCK_K, B_K_CONTIG, BLOCK_N, BLOCK_K)
+                            b_up = _load_weight(b_desc, e, N + pid_n * BLOCK_N, k * BLOCK_K, B_K_CONTIG, BLOCK_N, BLOCK_K)
                         else:
                             b_up = load_tile(b_ptrs + N * stride_bn, k_ok, n_mask, not EVEN_K, not EVEN_N)
                         acc_up = mma(a, b_up, acc_up, FP32_DOT)
@@ -204,14 +211,6 @@ def grouped_gemm_kernel(
             b_group_ptr += stride_be
 
 
-def _descriptor(t: torch.Tensor) -> TensorDescriptor | None:
-    """A TMA descriptor over ``t`` in its storage order, or None where TMA cannot read it (``tma_reads``)."""
-    if not tma_reads(t):
-        return None
-    # The block is a placeholder: _descriptor_blocks sets the tile of each config before it runs.
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1] * (t.dim() - 2) + [16, 16])
-
-
 def grouped_gemm(
     epilogue: str,
     a: torch.Tensor,
@@ -239,17 +238,18 @@ def grouped_gemm(
     if m == 0 or n == 0:
         return None
     b_k_contig = b.stride(1) == 1 and b.stride(2) != 1
-    a_desc = _descriptor(a) if tma and a_rows is None else None
-    b_desc = _descriptor(b.transpose(1, 2) if b_k_contig else b) if tma else None
+    a_desc = tma and a_rows is None and tma_reads(a)
+    b_desc = tma and tma_reads(b.transpose(1, 2) if b_k_contig else b)  # in its storage order
+    if a_desc or b_desc:
+        descriptor_workspace(a.device)
     programs = num_programs(a.device)
     return grouped_gemm_kernel[(programs,)](
-        a_desc if a_desc is not None else a, a_rows if a_rows is not None else offsets, offsets,
-        b_desc if b_desc is not None else b, c, h if h is not None else c,
+        a, a_rows if a_rows is not None else offsets, offsets, b, c, h if h is not None else c,
         m, n, k, offsets.shape[0], programs,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
         *(h.stride() if h is not None else (0, 0)),
         EPILOGUE=epilogue, GATHER_A=a_rows is not None, ACTIVATION=activation, GATED=gated, FP32_DOT=fp32_dot(a.dtype),
-        A_DESC=a_desc is not None, B_DESC=b_desc is not None, B_K_CONTIG=b_k_contig, **LAUNCH_OPTIONS,
+        A_DESC=a_desc, B_DESC=b_desc, B_K_CONTIG=b_k_contig, **LAUNCH_OPTIONS,
     )  # fmt: skip
 
 

@@ -35,14 +35,14 @@ and the other devices.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from prmc.kernels._triton_common import (
+    AUTOTUNE,
     LAUNCH_OPTIONS,
+    descriptor_workspace,
     fp32_dot,
     gemm_configs,
     group_start,
@@ -72,7 +72,9 @@ def _operand_tile(
     return tile
 
 
-@triton.autotune(configs=gemm_configs("BLOCK_P", "BLOCK_Q"), key=["P", "Q", "GATHER_L", "GATHER_R", "L_DESC", "R_DESC"])
+@triton.autotune(
+    configs=gemm_configs("BLOCK_P", "BLOCK_Q"), key=["P", "Q", "GATHER_L", "GATHER_R", "L_DESC", "R_DESC"], **AUTOTUNE
+)
 @triton.heuristics(
     {"EVEN_P": lambda args: args["P"] % args["BLOCK_P"] == 0, "EVEN_Q": lambda args: args["Q"] % args["BLOCK_Q"] == 0}
 )
@@ -143,10 +145,7 @@ def weight_grad(
     l_desc = tma and left_rows is None and tma_reads(left)
     r_desc = tma and right_rows is None and tma_reads(right)
     if l_desc or r_desc:
-        # The descriptors are made on the device, in a workspace Triton asks for at launch. The allocator is
-        # per thread (a ContextVar), and the backward runs on autograd's thread: set it on every launch, as
-        # Inductor's launcher does.
-        triton.set_allocator(functools.partial(_workspace, device=left.device))
+        descriptor_workspace(left.device)
 
     def grid(meta):
         return (experts * triton.cdiv(p, meta["BLOCK_P"]) * triton.cdiv(q, meta["BLOCK_Q"]),)
@@ -159,12 +158,6 @@ def weight_grad(
         GATHER_L=left_rows is not None, GATHER_R=right_rows is not None, L_DESC=l_desc, R_DESC=r_desc,
         FP32_DOT=fp32_dot(left.dtype), **LAUNCH_OPTIONS,
     )  # fmt: skip
-
-
-def _workspace(size: int, alignment: int, stream: int | None, *, device: torch.device) -> torch.Tensor:
-    """Triton's allocator protocol: ``size`` bytes for the kernel's descriptors (the caching allocator's
-    blocks are 512-byte aligned, past the 128 bytes a descriptor needs)."""
-    return torch.empty(size, dtype=torch.int8, device=device)
 
 
 if __name__ == "__main__":
