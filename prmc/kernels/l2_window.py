@@ -111,11 +111,11 @@ def persisting(t: torch.Tensor) -> Iterator[None]:
     module docstring says."""
     if not t.is_contiguous():
         raise ValueError(f"prmc: an L2 window covers one contiguous range; got a tensor of strides {t.stride()}")
-    if t.device.type != "cuda" or t.numel() == 0 or torch.cuda.is_current_stream_capturing():
+    if t.device.type != "cuda" or t.numel() == 0:
         yield
         return
     with torch.cuda.device(t.device):
-        set_aside, largest = _device_limits(t.device)
+        set_aside, largest = (0, 0) if torch.cuda.is_current_stream_capturing() else _device_limits(t.device)
         if set_aside == 0:
             yield
             return
