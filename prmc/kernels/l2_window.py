@@ -7,7 +7,7 @@ OLMoE at 8192 tokens) stream through the 50 MB L2, and the output (33.5 MB) is e
 those additions: ncu counted 814-880 MB of DRAM traffic for OLMoE's down forward, whose operands are 405 MB (v52,
 v53, ``benchmarks/KERNELS_NOTES.md``). With the output's lines persisting for the launch it moves 522 MB and runs in
 0.54 (burst) / 0.61 (steady, at the power cap) of the time; grad_x in 0.84 / 0.88; OLMoE's layer step (fwd+bwd) at
-the cap went from 6.43 to 5.87 ms (H100, v53).
+the cap went from 6.43 to 5.87 ms (H100, v53, at hit ratio 1; the ratio below gives those layers ~0.98).
 
 How, through the CUDA driver API (libcuda, which every CUDA process has loaded; torch may link the runtime
 statically, so its ``cudaStreamSetAttribute`` is not reachable):
