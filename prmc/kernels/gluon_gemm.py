@@ -43,9 +43,8 @@ products of the five layers 0.93-0.996x the time of the store + ``combine_rows``
 the epilogue's extra instructions, not L2, are what the reductions cost, so each tile's tokens and routing weights
 are loaded before its k-loop, and rows of another group are zeroed and added rather than masked (a masked reduction
 costs a branch each). What the reductions did cost was DRAM traffic (v52): the output left L2 between a token's top_k
-additions while the operands streamed through it. So its lines persist in L2 for the launch (``l2_window``, v53):
-OLMoE's down forward 0.54x the time (burst; 0.61x at the power cap), its grad_x 0.84x (0.88x), their layer step at
-the cap 0.91x (results/l2_window_ab_v53.log, l2_window_layer_v53.log).
+additions while the operands streamed through it. So its lines persist in L2 for the launch (``l2_window``, v53,
+which gives what that saves).
 
 Measured against the 128 x 256 kernel it replaced (H200, bf16, 8192 tokens, Triton 3.6; benchmarks/KERNELS_NOTES.md
 v20, results/gluon_ab_v20.log; bitwise-equal outputs): Qwen3's four products 7-8% faster; DeepSeek-V2-Lite's 3.5%

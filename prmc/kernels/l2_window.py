@@ -82,7 +82,7 @@ def _device_limits(device: torch.device) -> tuple[int, int]:
     """The device's persisting set-aside, raised to its maximum on first use, and its largest window (bytes); called
     with the device's primary context current."""
     global _driver
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = device.index
     if index not in _limits:
         if _driver is None:
             _driver = _Driver()
