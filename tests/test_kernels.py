@@ -170,30 +170,6 @@ def test_gluon_weight_grad_gathers_only_its_l_tile(monkeypatch):
     assert not wg.takes(src, right, shape, rows[:-1])  # one index per row of right
 
 
-def test_l2_window_structs_follow_cuda_h_and_nothing_happens_off_cuda():
-    """l2_window's ctypes structs are laid out as cuda.h declares them (CUaccessPolicyWindow: a pointer, a size_t,
-    a float and two enums, 32 bytes; CUstreamAttrValue: a 64-byte union), its hit ratio is the CUDA guide's (the
-    share of the window the set-aside holds), ``persisting`` leaves CPU tensors alone (this machine has no libcuda),
-    and a strided tensor is refused with its strides named (a window is one contiguous range)."""
-    import ctypes
-
-    from prmc.kernels import l2_window
-
-    window = l2_window.AccessPolicyWindow
-    assert [getattr(window, f).offset for f in ("base_ptr", "num_bytes", "hitRatio", "hitProp", "missProp")] == [
-        0, 8, 16, 20, 24,
-    ]  # fmt: skip
-    assert ctypes.sizeof(window) == 32 and ctypes.sizeof(l2_window.StreamAttrValue) == 64
-    assert l2_window.hit_ratio(16 << 20, 32 << 20) == 1.0 and l2_window.hit_ratio(64 << 20, 32 << 20) == 0.5
-    x = torch.randn(8, 6)
-    with l2_window.persisting(x):
-        x.add_(1)
-    assert l2_window._driver is None and l2_window._limits == {}
-    with pytest.raises(ValueError, match=r"one contiguous range.*strides \(1, 6\)"):
-        with l2_window.persisting(x.t()):
-            pass
-
-
 def test_accumulator_reads_in_flight_finds_a_read_before_the_wait():
     """The SASS check behind the compile tests: an accumulator register (R24.. of a 64 x 256 HGMMA: 128 of them)
     read between the HGMMA and the wait that retires it is found, also with a second HGMMA group pending; other

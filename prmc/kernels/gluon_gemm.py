@@ -42,9 +42,7 @@ dtype, in no fixed order. Measured (H100, bf16, 8192 tokens, v33; results/combin
 products of the five layers 0.93-0.996x the time of the store + ``combine_rows``, the layer steps 0.99-1.005x. ncu:
 the epilogue's extra instructions, not L2, are what the reductions cost, so each tile's tokens and routing weights
 are loaded before its k-loop, and rows of another group are zeroed and added rather than masked (a masked reduction
-costs a branch each). What the reductions did cost was DRAM traffic (v52): the output left L2 between a token's top_k
-additions while the operands streamed through it. So its lines persist in L2 for the launch (``l2_window``, v53,
-which gives what that saves).
+costs a branch each).
 
 Measured against the 128 x 256 kernel it replaced (H200, bf16, 8192 tokens, Triton 3.6; benchmarks/KERNELS_NOTES.md
 v20, results/gluon_ab_v20.log; bitwise-equal outputs): Qwen3's four products 7-8% faster; DeepSeek-V2-Lite's 3.5%
@@ -85,13 +83,11 @@ reference leaves them zero).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 import triton
 
-from prmc.kernels import l2_window
 from prmc.kernels._triton_common import (
     INTERPRET,
     LAUNCH_OPTIONS,
@@ -712,8 +708,7 @@ def grouped_gemm(
     in place. ``h`` given: the gated product, ``h = act(gate) * up`` from c's two halves (each rounded to c's dtype
     first). ``combine`` given (the store product, ``a`` not gathered): c [T, N'] is the tokens' output, and each
     routed row is added into its token's row (rounded to c's dtype, then added by the L2 in c's dtype: the order of
-    the additions varies from run to run), with c's lines persisting in L2 for the launch (``l2_window``); rows past
-    ``offsets[-1]`` add nothing."""
+    the additions varies from run to run); rows past ``offsets[-1]`` add nothing."""
     assert combine is None or a_rows is None, "a combined product reads A through TMA"
     k, n = a.shape[1], c.shape[1]
     m = a.shape[0] if combine is not None else c.shape[0]
@@ -734,20 +729,18 @@ def grouped_gemm(
     # Claimed tiles and the idle warpgroups' wgmma skipped (CLAIM, the story above) where one expert's weight fits in
     # half the L2: the fine-grained layers' 3-12 MB, not Mixtral's 117-235 MB.
     claim = k * n * a.element_size() <= torch.cuda.get_device_properties(a.device).L2_cache_size // 2
-    # Combined, the output's lines persist in L2 between a token's top_k additions (l2_window, v53).
     # Gathered, A's descriptor only gives the kernel its tile's type and shared layout.
-    with l2_window.persisting(c) if combine is not None else contextlib.nullcontext():
-        grouped_gemm_kernel[(programs,)](
-            descriptor(a, [SUB_M, BLOCK_K]), descriptor(view, b_block), c_desc,
-            descriptor(h, [SUB_M, PIECE]) if gated else c_desc, a, a.stride(0),
-            a_rows if a_rows is not None else offsets, c, c.stride(0), h if gated else c, h.stride(0) if gated else 0,
-            combine.tokens if combine is not None else offsets, scale if scale is not None else c, offsets, m,
-            n // 2 if gated else n, k, offsets.shape[0],
-            torch.zeros(1, device=a.device, dtype=torch.int32) if claim else offsets,  # (the claims' counter)
-            K_CONTIG=k_contig, GATED=gated, ACTIVATION=activation, GATHER=a_rows is not None,
-            COMBINE=combine is not None, SCALED=scale is not None, CLAIM=claim, STAGES=STAGES, GROUP=GROUP,
-            REGISTERS=REGISTERS, num_warps=4, maxnreg=REGISTERS, **LAUNCH_OPTIONS,
-        )  # fmt: skip
+    grouped_gemm_kernel[(programs,)](
+        descriptor(a, [SUB_M, BLOCK_K]), descriptor(view, b_block), c_desc,
+        descriptor(h, [SUB_M, PIECE]) if gated else c_desc, a, a.stride(0),
+        a_rows if a_rows is not None else offsets, c, c.stride(0), h if gated else c, h.stride(0) if gated else 0,
+        combine.tokens if combine is not None else offsets, scale if scale is not None else c, offsets, m,
+        n // 2 if gated else n, k, offsets.shape[0],
+        torch.zeros(1, device=a.device, dtype=torch.int32) if claim else offsets,  # (the claims' counter)
+        K_CONTIG=k_contig, GATED=gated, ACTIVATION=activation, GATHER=a_rows is not None, COMBINE=combine is not None,
+        SCALED=scale is not None, CLAIM=claim, STAGES=STAGES, GROUP=GROUP, REGISTERS=REGISTERS, num_warps=4,
+        maxnreg=REGISTERS, **LAUNCH_OPTIONS,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

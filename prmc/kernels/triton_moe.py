@@ -17,8 +17,7 @@ sort_by_expert        a counting sort in three Triton launches, giving the inver
 experts               x[rows] -> "gate_up": GEMM with W_gate_up.T, preact + h = act(gate) * up; "store": h @ W_down.T
                       per routed row; combine_rows (* routing weight, summed per token through ``inverse``); on the
                       Gluon kernel, unless deterministic algorithms are asked for, the combine is its epilogue's
-                      reductions into the tokens' rows (_combined_in_epilogue), the output held in L2 meanwhile
-                      (l2_window). Keeps only preact.
+                      reductions into the tokens' rows (_combined_in_epilogue). Keeps only preact.
 experts_backward_down g = grad_out[rows] @ W_down per routed row ("store"); mlp_grad_rows: d preact, grad_scale,
                       scale * h (h recomputed from preact); grad_W_down = grad_out[rows].T @ (scale * h) (weight
                       grad)
